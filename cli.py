@@ -1,0 +1,121 @@
+"""What train.py, sample.py and evaluate.py share at the shell boundary.
+
+- `--name=value` overrides of a script's defaults (nanoGPT style), type-checked;
+- `UserError`: a mistake the user can fix. `run(main)` prints it as one line,
+  `error: ...`, and exits with status 2 instead of a traceback;
+- the "auto" device choice, and files written atomically (a temporary file in the
+  same folder, fsync, os.replace) so a crash never leaves a half-written one.
+"""
+import ast
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message names the problem and the fix."""
+
+
+def parse_overrides(defaults, argv, script):
+    """Return a copy of `defaults` with `--name=value` arguments applied.
+
+    A value must have the default's type (an int is accepted for a float);
+    strings need no quotes. Unknown names and malformed arguments are UserErrors.
+    Returns (config, names that were set on the command line).
+    """
+    config, given = dict(defaults), set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(f"usage: python {script} [--name=value ...]\n\noptions and their defaults:")
+            for name, value in defaults.items():
+                print(f"  --{name}={value}")
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"cannot read argument {arg!r}: write options as --name=value (see python {script} --help)")
+        name, text = arg[2:].split("=", 1)
+        if name not in defaults:
+            close = [k for k in defaults if k.startswith(name[:3])]
+            hint = f" (did you mean {', '.join('--' + k for k in close)}?)" if close else ""
+            raise UserError(f"unknown option --{name}{hint}; python {script} --help lists them all")
+        config[name] = convert(name, text, defaults[name])
+        given.add(name)
+    return config, given
+
+
+def convert(name, text, default):
+    """Parse `text` into the type of `default`, or raise a UserError naming both."""
+    want = type(default)
+    if want is str:
+        return text
+    if want is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if want is float and type(value) is int:
+            value = float(value)
+        if type(value) is want:
+            return value
+    raise UserError(f"--{name}={text} is not a {want.__name__} (default: {default!r}); "
+                    f"give e.g. --{name}={default}")
+
+
+def require(condition, message):
+    if not condition:
+        raise UserError(message)
+
+
+def run(main):
+    """Run main(argv); a UserError becomes a one-line message and exit status 2."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu; anything else must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    require(available.get(device.type, False), f"device {name!r} is not available on this machine; use --device=auto")
+    return device
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step.
+
+    On any failure the temporary file is removed and `path` is left as it was.
+    The temporary name keeps the extension, so savers that infer the format from it work.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

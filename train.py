@@ -1,0 +1,341 @@
+"""Train an MMD-VAE on MNIST.
+
+    python train.py                                  # the defaults below
+    python train.py --latent_dim=16 --epochs=30      # any default, overridden
+    python train.py --resume=True                    # continue out/ckpt.pt
+    python train.py --kl_weight=1 --mmd_weight=0 --stochastic_encoder=True   # ELBO-VAE baseline
+
+Loss per image (Zhao, Song & Ermon, "InfoVAE", arXiv:1706.02262):
+    reconstruction  -log p(x|z), summed over the 784 pixels
+  + mmd_weight * MMD^2(q(z), p(z))        aggregate posterior vs prior N(0, I)
+  + kl_weight  * KL(q(z|x) || p(z))       the ELBO's term, per image
+kl_weight=0 is the pure MMD-VAE; kl_weight=1, mmd_weight=0 is the ELBO-VAE.
+
+Each epoch writes {out_dir}/ckpt.pt, a row of {out_dir}/log.csv and a grid of
+samples {out_dir}/samples_epoch{N}.png; the run ends with {out_dir}/losses.png.
+"""
+# -----------------------------------------------------------------------------
+# Every hyperparameter, with its default. Override any of them as --name=value.
+# I/O
+out_dir = "out"              # checkpoint, log, sample grids and loss plot go here
+data_dir = "data"            # MNIST is fetched here once (torchvision layout)
+resume = False               # continue from {out_dir}/ckpt.pt
+overwrite = False            # start afresh even if {out_dir} already holds a checkpoint
+ckpt_interval = 0            # also checkpoint every this many steps (0 = only at the end of each epoch)
+log_interval = 25            # steps between progress-bar updates (each one waits for the device)
+# data
+dataset = "mnist"            # mnist or fashion (Fashion-MNIST)
+batch_size = 100             # images per step; also the number of prior draws the MMD compares against
+# model
+latent_dim = 8               # size of z; 2 to plot the latent space, 8-16 for the best samples
+channels = 32                # conv widths are channels and 2*channels (the authors' tutorial: 64)
+hidden = 512                 # fully connected layer between convs and z (the tutorial: 1024)
+stochastic_encoder = False   # Gaussian q(z|x) with reparameterisation; needed for kl_weight > 0
+# loss
+recon_loss = "bce"           # bce (Bernoulli likelihood on pixel intensities) or mse (summed squared error)
+mmd_weight = 1000.0          # weight of MMD^2(q(z), N(0, I)); MMD^2 is ~1e-3 when matched, recon ~70 nats
+kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with mmd_weight=0) = ELBO-VAE
+kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
+kernel_scales = "1"          # comma-separated bandwidth multipliers of 2*latent_dim, e.g. "0.2,1,5"
+mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
+# optimizer
+epochs = 10                  # passes over the 60,000 training images
+max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
+lr = 1e-3                    # Adam learning rate at the start
+lr_decay = True              # cosine decay to lr/10 over the run
+# system
+device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+seed = 1337                  # model init, prior draws and data order all follow from it
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# Options a resumed run may change; the rest define the model and its loss.
+SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
+                  "epochs", "max_steps", "device"}
+RECON_LOSSES = ("bce", "mse")
+
+import csv
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import checkpoint
+import data
+from cli import UserError, atomic_write, parse_overrides, pick_device, require, run
+from mmd import ESTIMATORS, KERNELS, mmd
+from model import MMDVAE
+
+
+def parse_scales(text):
+    try:
+        scales = [float(s) for s in text.split(",")]
+    except ValueError:
+        scales = []
+    require(scales and all(s > 0 for s in scales),
+            f"--kernel_scales={text} must be positive numbers separated by commas, e.g. --kernel_scales=0.5,1,2")
+    return scales
+
+
+def validate(cfg):
+    for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
+        require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
+    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight"):
+        require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
+    require(cfg["lr"] > 0, f"--lr={cfg['lr']} must be positive")
+    require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
+    require(cfg["dataset"] in data.DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(data.DATASETS)}")
+    require(cfg["kernel"] in KERNELS, f"unknown kernel {cfg['kernel']!r}; choose one of {', '.join(KERNELS)}")
+    require(cfg["recon_loss"] in RECON_LOSSES, f"unknown recon_loss {cfg['recon_loss']!r}; choose one of {', '.join(RECON_LOSSES)}")
+    require(cfg["mmd_estimator"] in ESTIMATORS, f"unknown mmd_estimator {cfg['mmd_estimator']!r}; choose one of {', '.join(ESTIMATORS)}")
+    require(cfg["kl_weight"] == 0 or cfg["stochastic_encoder"],
+            "--kl_weight > 0 needs a Gaussian encoder: add --stochastic_encoder=True")
+    parse_scales(cfg["kernel_scales"])
+
+
+def compute_loss(model, x, cfg):
+    """(total loss, {"recon", "mmd", "kl"}) for a batch x in [0, 1]; every term is per image."""
+    logits, z, mu, logvar = model(x)
+    n = x.shape[0]
+    if cfg["recon_loss"] == "bce":
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / n
+    else:
+        recon = F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / n
+    zero = recon.new_zeros(())
+    # MMD between the batch's codes and as many draws from the prior (InfoVAE, eq. 8).
+    mmd_term = mmd(z, torch.randn_like(z), cfg["kernel"], parse_scales(cfg["kernel_scales"]),
+                   estimator=cfg["mmd_estimator"]) if cfg["mmd_weight"] > 0 else zero
+    # KL(N(mu, sigma^2) || N(0, 1)) in closed form (Kingma & Welling, 2014, appendix B).
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum() / n if cfg["kl_weight"] > 0 else zero
+    loss = recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl
+    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl}
+
+
+@torch.no_grad()
+def test_metrics(model, images, cfg, batch_size=1000):
+    """Mean loss terms and per-pixel MSE of the reconstruction from the code mean, on `images`."""
+    model.eval()
+    totals = {}
+    for start in range(0, len(images), batch_size):
+        x = data.to_float(images[start:start + batch_size])
+        loss, terms = compute_loss(model, x, {**cfg, "mmd_estimator": "unbiased"})
+        x_hat = model.decode(model.encode(x))
+        values = {"loss": loss, **terms, "mse": F.mse_loss(x_hat, x, reduction="sum") / (x.shape[0] * x[0].numel())}
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * x.shape[0]
+    model.train()
+    return {k: v / len(images) for k, v in totals.items()}
+
+
+def lr_at(step, total_steps, cfg):
+    if not cfg["lr_decay"]:
+        return cfg["lr"]
+    progress = min(step / max(total_steps, 1), 1.0)
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def resume_config(saved, cfg, given):
+    """The checkpoint's config, with only the safe command-line changes applied."""
+    merged = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
+    for name in sorted(given):
+        if cfg[name] == merged[name]:
+            continue
+        require(name in SAFE_ON_RESUME,
+                f"--{name}={cfg[name]} differs from the checkpoint's {name}={merged[name]!r}; a resumed run keeps "
+                f"its model and loss: drop --{name}, or start a new run with another --out_dir")
+        print(f"resume: {name} changed from {merged[name]!r} to {cfg[name]!r}")
+        merged[name] = cfg[name]
+    return merged
+
+
+def check_writable(folder):
+    """Fail before training, not after the first epoch, if checkpoints cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with atomic_write(os.path.join(folder, ".write_test")) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"\0" * 65536)
+        os.remove(os.path.join(folder, ".write_test"))
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir={folder} ({e.strerror}); choose a writable folder with free space") from None
+
+
+LOG_FIELDS = ["epoch", "step", "seconds", "train_loss", "train_recon", "train_mmd", "train_kl",
+              "test_loss", "test_recon", "test_mmd", "test_kl", "test_mse"]
+
+
+def write_log(path, rows):
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_losses(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [float(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, term, title in zip(axes, ("recon", "mmd", "mse"), ("reconstruction (nats / image)", "MMD^2(q(z), p(z))", "test MSE per pixel")):
+        for split in ("train", "test"):
+            key = f"{split}_{term}"
+            if key in rows[0] and rows[0][key] != "":
+                ax.plot(epochs, [float(r[key]) for r in rows], marker="o", label=split)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    axes[1].set_yscale("symlog", linthresh=1e-4)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: remembered here, acted on after the current step."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+
+def main(argv):
+    cfg, given = parse_overrides(DEFAULTS, argv, "train.py")
+    validate(cfg)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    saved = None
+    if cfg["resume"]:
+        saved = checkpoint.load(ckpt_path)
+        cfg = resume_config(saved["config"], cfg, given)
+        validate(cfg)
+    else:
+        require(cfg["overwrite"] or not os.path.exists(ckpt_path),
+                f"{ckpt_path} already exists: continue it with --resume=True, start a new run with another "
+                f"--out_dir, or replace it with --overwrite=True")
+    check_writable(cfg["out_dir"])
+    device = pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+
+    splits = data.load(cfg["dataset"], cfg["data_dir"], device)
+    train_images, test_images = splits["train"][0], splits["test"][0]
+    steps_per_epoch = len(train_images) // cfg["batch_size"]
+    require(steps_per_epoch > 0, f"--batch_size={cfg['batch_size']} is larger than the training set")
+    total_steps = cfg["epochs"] * steps_per_epoch
+    if cfg["max_steps"]:
+        total_steps = min(total_steps, cfg["max_steps"])
+
+    model = MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    step, epoch, epoch_step = 0, 0, 0
+    running = torch.zeros(4, device=device)  # sums of loss, recon, mmd, kl over this epoch's steps
+    log_path = os.path.join(cfg["out_dir"], "log.csv")
+    log_rows = []
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, epoch, epoch_step = saved["step"], saved["epoch"], saved["epoch_step"]
+        running = saved["running"].to(device)
+        checkpoint.set_rng_states(saved["rng"])
+        # Rows after the checkpoint belong to work that is about to be redone.
+        log_rows = [r for r in read_log(log_path) if int(r["step"]) <= step]
+        print(f"resumed from {ckpt_path} at epoch {epoch + 1}, step {step}")
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"training on {device}: {num_params / 1e6:.2f}M parameters, {total_steps} steps "
+          f"({steps_per_epoch} per epoch), output in {cfg['out_dir']}/")
+
+    fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
+    stop = StopRequest()
+    started = time.time()
+
+    def save_checkpoint():
+        checkpoint.save(ckpt_path, {
+            "model": model.state_dict(), "model_args": model.model_args, "config": cfg,
+            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
+            "running": running, "rng": checkpoint.rng_states(),
+        })
+
+    def check_finite(loss):
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} by step {step}; {ckpt_path} still holds the last good "
+                            f"checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
+                            f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']})")
+
+    def stop_if_asked():
+        if stop.signum is not None:
+            save_checkpoint()
+            print(f"\n{signal.Signals(stop.signum).name}: stopped at step {step}; checkpoint saved to {ckpt_path}. "
+                  f"Continue with: python train.py --out_dir={cfg['out_dir']} --resume=True", file=sys.stderr)
+            sys.exit(128 + stop.signum)
+
+    while step < total_steps:
+        batches = data.batch_order(len(train_images), cfg["batch_size"], cfg["seed"], epoch).to(device)
+        last = min(steps_per_epoch, epoch_step + total_steps - step)
+        bar = tqdm(desc=f"epoch {epoch + 1}/{cfg['epochs']}", initial=epoch_step, total=steps_per_epoch,
+                   leave=False, dynamic_ncols=True, mininterval=1.0)
+        while epoch_step < last:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cfg)
+            x = data.to_float(train_images[batches[epoch_step]])
+            loss, terms = compute_loss(model, x, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Summed on the device: reading a value back would stall the GPU every step.
+            running += torch.stack([loss.detach(), terms["recon"].detach(), terms["mmd"].detach(), terms["kl"].detach()])
+            step, epoch_step = step + 1, epoch_step + 1
+            bar.update(1)
+            if step % cfg["log_interval"] == 0:
+                check_finite(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.2f}", recon=f"{terms['recon'].item():.2f}",
+                                mmd=f"{terms['mmd'].item():.2e}", kl=f"{terms['kl'].item():.2f}", refresh=False)
+            if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
+                check_finite(loss.item())
+                save_checkpoint()
+            stop_if_asked()
+        bar.close()
+        check_finite(running[0].item())
+
+        means = (running / epoch_step).tolist()
+        test = test_metrics(model, test_images, cfg)
+        seconds = time.time() - started
+        log_rows.append({"epoch": f"{epoch + epoch_step / steps_per_epoch:.4g}", "step": step, "seconds": f"{seconds:.1f}",
+                         **{f"train_{k}": f"{v:.6g}" for k, v in zip(("loss", "recon", "mmd", "kl"), means)},
+                         **{f"test_{k}": f"{v:.6g}" for k, v in test.items()}})
+        write_log(log_path, log_rows)
+        print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}) "
+              f"| test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
+        with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
+            save_image(model.eval().decode(fixed_noise), tmp, nrow=8)
+        model.train()
+        if epoch_step == steps_per_epoch:  # a whole epoch (a max_steps cap can end one early)
+            epoch, epoch_step = epoch + 1, 0
+            running.zero_()
+        save_checkpoint()
+        stop_if_asked()
+
+    if log_rows:
+        plot_losses(log_rows, os.path.join(cfg["out_dir"], "losses.png"))
+    print(f"done in {time.time() - started:.0f}s: {ckpt_path}; draw samples with "
+          f"`python sample.py --out_dir={cfg['out_dir']}`")
+
+
+if __name__ == "__main__":
+    run(main)
