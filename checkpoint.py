@@ -11,6 +11,7 @@ torch.load(weights_only=True), which refuses pickles that would call arbitrary c
 import os
 import pickle
 import random
+import warnings
 import zipfile
 
 import numpy as np
@@ -33,13 +34,17 @@ def load(path, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train one with `python train.py` or pass --checkpoint=PATH")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it fails; the error says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know: this file would run code.
-        raise UserError(f"{path} was refused: it is not a plain checkpoint and loading it would run code "
-                        f"({str(e).splitlines()[0][:100]}...). Only load checkpoints you trust to be from train.py") from None
+        if "GLOBAL" in str(e):  # weights_only met a function or class to import: this file would run code
+            raise UserError(f"{path} was refused: loading it would import and run code, which a checkpoint from "
+                            f"train.py never does. Use only checkpoints you made or trust") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); retrain, or restore it "
+                        f"from a backup") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:100]}); "
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:80]}); "
                         f"retrain, or restore it from a backup") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or not all(k in checkpoint for k in REQUIRED):
         raise UserError(f"{path} is not an MMD-VAE checkpoint from train.py; pass a ckpt.pt written by train.py")

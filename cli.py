@@ -23,7 +23,7 @@ def parse_overrides(defaults, argv, script):
     """Return a copy of `defaults` with `--name=value` arguments applied.
 
     A value must have the default's type (an int is accepted for a float);
-    strings need no quotes. Unknown names and malformed arguments are UserErrors.
+    strings need no quotes; a bare --flag sets a boolean to True. Unknown names and malformed arguments are UserErrors.
     Returns (config, names that were set on the command line).
     """
     config, given = dict(defaults), set()
@@ -33,6 +33,8 @@ def parse_overrides(defaults, argv, script):
             for name, value in defaults.items():
                 print(f"  --{name}={value}")
             sys.exit(0)
+        if arg.startswith("--") and "=" not in arg and isinstance(defaults.get(arg[2:]), bool):
+            arg += "=True"  # a bare --flag switches a boolean on
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"cannot read argument {arg!r}: write options as --name=value (see python {script} --help)")
         name, text = arg[2:].split("=", 1)
@@ -99,6 +101,16 @@ def pick_device(name):
     return device
 
 
+TEMPORARY_MARK = ".tmp"
+
+
+def remove_stale_temporaries(folder):
+    """Delete what atomic_write left behind when a process was killed mid-write (SIGKILL, power loss)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and TEMPORARY_MARK in name:
+            os.remove(os.path.join(folder, name))
+
+
 @contextmanager
 def atomic_write(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one step.
@@ -109,7 +121,7 @@ def atomic_write(path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f"{TEMPORARY_MARK}{ext}", dir=folder)
     os.close(fd)
     try:
         yield tmp

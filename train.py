@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from cli import UserError, atomic_write, parse_overrides, pick_device, require, run
+from cli import UserError, atomic_write, parse_overrides, pick_device, remove_stale_temporaries, require, run
 from mmd import ESTIMATORS, KERNELS, mmd
 from model import MMDVAE
 
@@ -230,8 +230,9 @@ def main(argv):
         require(cfg["overwrite"] or not os.path.exists(ckpt_path),
                 f"{ckpt_path} already exists: continue it with --resume=True, start a new run with another "
                 f"--out_dir, or replace it with --overwrite=True")
-    check_writable(cfg["out_dir"])
     device = pick_device(cfg["device"])
+    check_writable(cfg["out_dir"])
+    remove_stale_temporaries(cfg["out_dir"])
     torch.manual_seed(cfg["seed"])
 
     splits = data.load(cfg["dataset"], cfg["data_dir"], device)
@@ -266,6 +267,9 @@ def main(argv):
     started = time.time()
 
     def save_checkpoint():
+        # A step can turn the weights to NaN even when its own loss was finite: never save those.
+        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+            check_finite(float("nan"))
         checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "model_args": model.model_args, "config": cfg,
             "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
@@ -274,8 +278,8 @@ def main(argv):
 
     def check_finite(loss):
         if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} by step {step}; {ckpt_path} still holds the last good "
-                            f"checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
+            raise UserError(f"training diverged: the loss or the weights became {loss} by step {step}; "
+                            f"{ckpt_path} (if any) holds the last good checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
                             f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']})")
 
     def stop_if_asked():
@@ -288,29 +292,28 @@ def main(argv):
     while step < total_steps:
         batches = data.batch_order(len(train_images), cfg["batch_size"], cfg["seed"], epoch).to(device)
         last = min(steps_per_epoch, epoch_step + total_steps - step)
-        bar = tqdm(desc=f"epoch {epoch + 1}/{cfg['epochs']}", initial=epoch_step, total=steps_per_epoch,
-                   leave=False, dynamic_ncols=True, mininterval=1.0)
-        while epoch_step < last:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg)
-            x = data.to_float(train_images[batches[epoch_step]])
-            loss, terms = compute_loss(model, x, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Summed on the device: reading a value back would stall the GPU every step.
-            running += torch.stack([loss.detach(), terms["recon"].detach(), terms["mmd"].detach(), terms["kl"].detach()])
-            step, epoch_step = step + 1, epoch_step + 1
-            bar.update(1)
-            if step % cfg["log_interval"] == 0:
-                check_finite(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.2f}", recon=f"{terms['recon'].item():.2f}",
-                                mmd=f"{terms['mmd'].item():.2e}", kl=f"{terms['kl'].item():.2f}", refresh=False)
-            if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
-                check_finite(loss.item())
-                save_checkpoint()
-            stop_if_asked()
-        bar.close()
+        with tqdm(desc=f"epoch {epoch + 1}/{cfg['epochs']}", initial=epoch_step, total=steps_per_epoch,
+                  leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
+            while epoch_step < last:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total_steps, cfg)
+                x = data.to_float(train_images[batches[epoch_step]])
+                loss, terms = compute_loss(model, x, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                # Summed on the device: reading a value back would stall the GPU every step.
+                running += torch.stack([loss.detach(), terms["recon"].detach(), terms["mmd"].detach(), terms["kl"].detach()])
+                step, epoch_step = step + 1, epoch_step + 1
+                bar.update(1)
+                if step % cfg["log_interval"] == 0:
+                    check_finite(loss.item())
+                    bar.set_postfix(loss=f"{loss.item():.2f}", recon=f"{terms['recon'].item():.2f}",
+                                    mmd=f"{terms['mmd'].item():.2e}", kl=f"{terms['kl'].item():.2f}", refresh=False)
+                if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
+                    check_finite(loss.item())
+                    save_checkpoint()
+                stop_if_asked()
         check_finite(running[0].item())
 
         means = (running / epoch_step).tolist()

@@ -1,0 +1,268 @@
+"""Evaluate a trained MMD-VAE: reconstruction, sample quality, latent quality, q(z) vs p(z).
+
+    python evaluate.py                           # out/ckpt.pt, printed as a table
+    python evaluate.py --checkpoint=PATH --json  # one JSON object
+
+Sample quality is measured in the feature space of a small classifier that this
+file trains on the checkpoint's dataset (Inception networks are not meaningful for
+28x28 digits, and nothing is downloaded). It is trained once, cached at
+{data_dir}/classifier_{dataset}.pt, and retrained if the cache is missing or bad.
+
+  FID        Frechet distance between Gaussian fits of classifier features of
+             10,000 decoded N(0, I) draws and of the test images (lower is better)
+  IS         inception score exp(E KL(p(y|x) || p(y))) of the samples; 10 is the ceiling
+  coverage   share of the 10 classes that get at least 5% of the samples
+  probe      linear (logistic regression) accuracy on encoder means, fit on train, scored on test
+  knn        5-nearest-neighbour accuracy of test codes among train codes
+  q(z) vs p(z)  MMD^2 of test codes against N(0, I) draws (Gaussian kernel, bandwidth 2D),
+             norm of the code mean, eigenvalues of the code covariance (1 for the prior)
+The same sample metrics for 10,000 real training images give the floor (real vs real).
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import checkpoint
+import data
+from cli import UserError, atomic_write, parse_overrides, pick_device, require, run
+from mmd import mmd
+
+DEFAULTS = dict(
+    checkpoint="out/ckpt.pt",  # the checkpoint to evaluate
+    dataset="",                # expected dataset; empty = the checkpoint's own
+    data_dir="",               # where the data and the classifier cache live; empty = the checkpoint's
+    num_samples=10000,         # decoded N(0, I) draws for FID, IS and coverage
+    json=False,                # print one JSON object instead of a table
+    device="auto",
+    seed=0,
+)
+CLASSIFIER_FORMAT = "mmd-vae-classifier-v1"
+
+
+class Classifier(nn.Module):
+    """A small CNN (about 99.2% on MNIST); its 128-d penultimate layer is the FID feature space."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+        )
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def in_batches(fn, x, batch_size=2000):
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def classifier_accuracy(classifier, images, labels):
+    logits = in_batches(classifier, data.to_float(images))
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def train_classifier(splits, device, epochs=3, seed=0):
+    torch.manual_seed(seed)
+    classifier = Classifier().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    images, labels = splits["train"]
+    steps = epochs * (len(images) // 128)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    for epoch in range(epochs):
+        for idx in data.batch_order(len(images), 128, seed, epoch).to(device):
+            loss = F.cross_entropy(classifier(data.to_float(images[idx])), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return classifier.eval()
+
+
+def load_classifier(dataset, data_dir, splits, device):
+    """The cached classifier for `dataset`, trained first if the cache is missing or unreadable."""
+    path = os.path.join(data_dir, f"classifier_{dataset}.pt")
+    classifier = Classifier().to(device)
+    try:
+        cache = torch.load(path, map_location=device, weights_only=True)
+        assert cache["format"] == CLASSIFIER_FORMAT
+        classifier.load_state_dict(cache["model"])
+        return classifier.eval(), cache["test_accuracy"]
+    except Exception as e:  # missing, truncated, from another version: retrain
+        if os.path.exists(path):
+            print(f"classifier cache {path} did not load ({type(e).__name__}); retraining", file=sys.stderr)
+    print(f"training the evaluation classifier on {dataset} (once; cached at {path})", file=sys.stderr)
+    started = time.time()
+    classifier = train_classifier(splits, device)
+    accuracy = classifier_accuracy(classifier, *splits["test"])
+    print(f"classifier: test accuracy {accuracy:.4f} after {time.time() - started:.0f}s", file=sys.stderr)
+    with atomic_write(path) as tmp:
+        torch.save({"format": CLASSIFIER_FORMAT, "model": classifier.state_dict(), "test_accuracy": accuracy}, tmp)
+    return classifier, accuracy
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussian fits of features a and b.
+
+    tr((S_a S_b)^(1/2)) is the sum of square roots of the eigenvalues of S_a S_b, which
+    equal those of the symmetric PSD matrix S_a^(1/2) S_b S_a^(1/2): no scipy needed.
+    """
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    eigvals, eigvecs = torch.linalg.eigh(cov_a)
+    sqrt_a = eigvecs @ torch.diag(eigvals.clamp_min(0).sqrt()) @ eigvecs.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def inception_score(probs):
+    """exp(E_x KL(p(y|x) || p(y))) for class probabilities of shape (N, classes)."""
+    probs = probs.double().clamp_min(1e-12)
+    marginal = probs.mean(0, keepdim=True)
+    return math.exp((probs * (probs.log() - marginal.log())).sum(1).mean().item())
+
+
+def class_coverage(probs, threshold=0.05):
+    """Share of classes that receive at least `threshold` of the argmax predictions."""
+    counts = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double()
+    return (counts / len(probs) >= threshold).double().mean().item()
+
+
+def sample_metrics(classifier, images, test_features):
+    """FID against the test features, IS and coverage for float images (N, 1, 28, 28)."""
+    features = in_batches(classifier.features, images)
+    probs = F.softmax(classifier.head(features), dim=1)
+    return {"fid": frechet_distance(features, test_features), "is": inception_score(probs),
+            "coverage": class_coverage(probs)}
+
+
+def probe_accuracy(train_codes, train_labels, test_codes, test_labels, steps=300):
+    """Multinomial logistic regression (L-BFGS, light L2) on standardised codes; test accuracy."""
+    mean, std = train_codes.mean(0), train_codes.std(0).clamp_min(1e-6)
+    xtr, xte = (train_codes - mean) / std, (test_codes - mean) / std
+    num_classes = int(train_labels.max()) + 1
+    weight = torch.zeros(xtr.shape[1], num_classes, device=xtr.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=xtr.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(xtr @ weight + bias, train_labels) + 1e-4 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return ((xte @ weight + bias).argmax(1) == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5):
+    predictions = []
+    for chunk in test_codes.split(1000):
+        nearest = torch.cdist(chunk, train_codes).topk(k, largest=False).indices
+        predictions.append(train_labels[nearest].mode(1).values)
+    return (torch.cat(predictions) == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def prior_match(codes, generator, num=5000):
+    """How far the aggregate posterior q(z) (the test codes) is from N(0, I)."""
+    z = codes[:num].double()
+    prior = torch.randn(z.shape, generator=generator, dtype=torch.float64).to(z.device)
+    eigvals = torch.linalg.eigvalsh(torch.cov(z.T)).flip(0)
+    return {"mmd_prior": mmd(z, prior).item(), "code_mean_norm": z.mean(0).norm().item(),
+            "cov_eig_max": eigvals[0].item(), "cov_eig_min": eigvals[-1].item(),
+            "cov_eigenvalues": [round(v, 4) for v in eigvals.tolist()]}
+
+
+@torch.no_grad()
+def evaluate(model, splits, classifier, num_samples=10000, seed=0):
+    """All metrics as one flat dict (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    timings, results = {}, {}
+
+    started = time.time()
+    test_x = data.to_float(splits["test"][0])
+    x_hat = in_batches(lambda x: model.decode(model.encode(x)), test_x)
+    results["mse"] = F.mse_loss(x_hat, test_x).item()
+    results["bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), test_x, reduction="sum").item() / len(test_x)
+    timings["reconstruction"] = time.time() - started
+
+    started = time.time()
+    test_features = in_batches(classifier.features, test_x)
+    z = torch.randn(num_samples, model.latent_dim, generator=generator).to(device)
+    results.update(sample_metrics(classifier, in_batches(model.decode, z), test_features))
+    pick = torch.randperm(len(splits["train"][0]), generator=generator)[:num_samples].to(device)
+    floor = sample_metrics(classifier, data.to_float(splits["train"][0][pick]), test_features)
+    results.update({f"real_{k}": v for k, v in floor.items()})
+    timings["samples"] = time.time() - started
+
+    started = time.time()
+    train_codes = in_batches(model.encode, data.to_float(splits["train"][0])).float()
+    test_codes = in_batches(model.encode, test_x).float()
+    train_labels, test_labels = splits["train"][1], splits["test"][1]
+    results["probe"] = probe_accuracy(train_codes, train_labels, test_codes, test_labels)
+    results["knn"] = knn_accuracy(train_codes, train_labels, test_codes, test_labels)
+    timings["latent"] = time.time() - started
+
+    started = time.time()
+    results.update(prior_match(test_codes, generator))
+    timings["prior_match"] = time.time() - started
+    results["seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    return results
+
+
+def print_table(results):
+    rows = [
+        ("reconstruction", "MSE per pixel", f"{results['mse']:.5f}"),
+        ("", "BCE per image (nats)", f"{results['bce']:.2f}"),
+        ("samples (10k)", "FID (real vs real)", f"{results['fid']:.3f}  ({results['real_fid']:.3f})"),
+        ("", "inception score (real)", f"{results['is']:.3f}  ({results['real_is']:.3f})"),
+        ("", "class coverage (real)", f"{results['coverage']:.2f}  ({results['real_coverage']:.2f})"),
+        ("latent", "linear probe accuracy", f"{results['probe']:.4f}"),
+        ("", "5-NN accuracy", f"{results['knn']:.4f}"),
+        ("q(z) vs N(0, I)", "MMD^2", f"{results['mmd_prior']:.2e}"),
+        ("", "norm of code mean", f"{results['code_mean_norm']:.3f}"),
+        ("", "cov eigenvalues max / min", f"{results['cov_eig_max']:.3f} / {results['cov_eig_min']:.3f}"),
+        ("classifier", "test accuracy", f"{results['classifier_accuracy']:.4f}"),
+    ]
+    for group, name, value in rows:
+        print(f"{group:<16}{name:<28}{value}")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()))
+
+
+def main(argv):
+    cfg, _ = parse_overrides(DEFAULTS, argv, "evaluate.py")
+    require(cfg["num_samples"] >= 100, f"--num_samples={cfg['num_samples']} must be at least 100")
+    device = pick_device(cfg["device"])
+    model, ckpt = checkpoint.load_model(cfg["checkpoint"], device)
+    dataset = ckpt["config"]["dataset"]
+    require(not cfg["dataset"] or cfg["dataset"] == dataset,
+            f"{cfg['checkpoint']} was trained on {dataset}, not {cfg['dataset']}; drop --dataset or pass "
+            f"a checkpoint trained on {cfg['dataset']}")
+    data_dir = cfg["data_dir"] or ckpt["config"]["data_dir"]
+    splits = data.load(dataset, data_dir, device)
+    classifier, accuracy = load_classifier(dataset, data_dir, splits, device)
+    results = {"checkpoint": cfg["checkpoint"], "dataset": dataset, "classifier_accuracy": accuracy,
+               **evaluate(model, splits, classifier, cfg["num_samples"], cfg["seed"])}
+    if cfg["json"]:
+        print(json.dumps(results))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    run(main)

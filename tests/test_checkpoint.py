@@ -1,0 +1,147 @@
+"""Checkpoints: what they hold, that resuming is exact, and that faults lose nothing."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import REPO, TINY, assert_user_error, run_script
+
+# Two epochs of 117 steps with a tiny model: crosses an epoch boundary (test pass, grid, log row).
+FAULT_RUN = TINY + ["--batch_size=512", "--max_steps=300", "--ckpt_interval=7"]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    for key in ("model", "model_args", "config", "optimizer", "epoch", "step", "epoch_step", "rng"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 60 and ckpt["config"]["max_steps"] == 60
+    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False}
+    model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
+    assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
+
+
+def test_save_load_round_trip_and_atomic_write(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    payload = {"model": {"w": torch.arange(3.0)}, "model_args": {}, "config": {"a": 1}}
+    checkpoint.save(path, payload)
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["config"] == {"a": 1}
+    # A save that fails midway leaves the previous file and no temporary behind.
+    with pytest.raises(Exception):
+        checkpoint.save(path, {"model": lambda: 0, "model_args": {}, "config": {}})
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.arange(3.0))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_rng_states_round_trip():
+    import numpy as np
+    states = checkpoint.rng_states()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    checkpoint.set_rng_states(states)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (np.random.rand(3) == expected[1]).all() and random.random() == expected[2]
+
+
+def start_training(out, *args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    process = subprocess.Popen([sys.executable, "train.py", *FAULT_RUN, f"--out_dir={out}", *args], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until the loop runs (after imports and data loading), so a kill lands mid-training.
+    for line in process.stdout:
+        if line.startswith("training on"):
+            return process
+    raise AssertionError(process.stderr.read())
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_dir):
+    reference = tmp_path / "uninterrupted"
+    result = run_script("train.py", *FAULT_RUN, f"--out_dir={reference}", f"--data_dir={mnist_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    out, rng = tmp_path / "killed", random.Random(0)
+    process = start_training(out, f"--data_dir={mnist_dir}")
+    for kill in range(3):  # three kills at random moments, then let it finish
+        time.sleep(rng.uniform(0.2, 1.2))
+        assert process.poll() is None, "the run ended before it was killed; kill sooner"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        resume = ["--resume=True"] if (out / "ckpt.pt").exists() else ["--overwrite=True"]
+        process = start_training(out, f"--data_dir={mnist_dir}", *resume)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert_same_weights(weights(out / "ckpt.pt"), weights(reference / "ckpt.pt"))
+    # What a kill mid-write left behind was cleaned up by the resumed run.
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_status(tmp_path, mnist_dir, signum, status):
+    process = start_training(tmp_path, f"--data_dir={mnist_dir}", "--max_steps=100000", "--ckpt_interval=0")
+    time.sleep(1.0)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr[-2000:]
+    assert "--resume=True" in stderr and "Traceback" not in stderr
+    saved = checkpoint.load(str(tmp_path / "ckpt.pt"))
+    assert saved["step"] > 0
+
+
+def test_malicious_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": checkpoint.FORMAT, "model": Payload(), "model_args": {}, "config": {}}, tmp_path / "ckpt.pt")
+    assert_user_error(run_script("sample.py", f"--out_dir={tmp_path}", f"--out={tmp_path / 'x.png'}"), "run code")
+    assert_user_error(run_script("train.py", f"--out_dir={tmp_path}", "--resume=True"), "run code")
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
+    before = (out / "ckpt.pt").read_bytes()
+    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--latent_dim=16")
+    assert_user_error(result, "--latent_dim=16", "latent_dim=4")
+    assert (out / "ckpt.pt").read_bytes() == before
+    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--max_steps=70", f"--data_dir={mnist_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max_steps changed from 60 to 70" in result.stdout
+    assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 70
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):
+    result = run_script("train.py", *TINY, "--lr=1e6", "--ckpt_interval=1", "--max_steps=300",
+                        f"--out_dir={tmp_path}", f"--data_dir={mnist_dir}")
+    assert_user_error(result, "diverged", "by step", "--lr")
+    if (tmp_path / "ckpt.pt").exists():
+        saved = checkpoint.load(str(tmp_path / "ckpt.pt"))
+        assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_unwritable_out_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = run_script("train.py", f"--out_dir={blocker / 'run'}")
+    assert_user_error(result, "cannot write", "--out_dir")
+    assert blocker.read_text() == "x"

@@ -1,0 +1,109 @@
+"""Overrides from the shell: good ones apply, bad ones are one clear line and exit status 2."""
+import os
+
+import pytest
+import torch
+
+from cli import UserError, parse_overrides
+from conftest import TINY, assert_user_error, run_script
+
+DEFAULTS = {"batch_size": 100, "lr": 1e-3, "resume": False, "kernel": "gaussian"}
+
+
+def test_overrides_apply_with_the_defaults_types():
+    config, given = parse_overrides(DEFAULTS, ["--batch_size=32", "--lr=1", "--resume=True", "--kernel=imq"], "t.py")
+    assert config == {"batch_size": 32, "lr": 1.0, "resume": True, "kernel": "imq"}
+    assert type(config["lr"]) is float and given == {"batch_size", "lr", "resume", "kernel"}
+    assert parse_overrides(DEFAULTS, [], "t.py") == (DEFAULTS, set())
+    assert parse_overrides(DEFAULTS, ["--lr=3e-4"], "t.py")[0]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batchsize=3"], ["unknown option --batchsize", "--batch_size"]),
+    (["--batch_size=1.5"], ["--batch_size=1.5", "int"]),
+    (["--batch_size=abc"], ["int"]),
+    (["--lr=fast"], ["float"]),
+    (["--resume=maybe"], ["bool"]),
+    (["--batch_size", "3"], ["--name=value"]),
+    (["batch_size=3"], ["--name=value"]),
+])
+def test_bad_overrides_are_user_errors(argv, words):
+    with pytest.raises(UserError) as info:
+        parse_overrides(DEFAULTS, argv, "t.py")
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs=ten"], ["--epochs=ten", "int"]),
+    (["--learning_rate=0.1"], ["unknown option --learning_rate"]),
+    (["--batch_size=0"], ["--batch_size=0", "positive"]),
+    (["--latent_dim=-3"], ["--latent_dim=-3", "positive"]),
+    (["--lr=-0.1"], ["--lr", "positive"]),
+    (["--dataset=cifar"], ["unknown dataset 'cifar'", "mnist"]),
+    (["--kernel=laplace"], ["unknown kernel 'laplace'", "gaussian"]),
+    (["--kernel_scales=1,x"], ["--kernel_scales"]),
+    (["--kl_weight=1"], ["--stochastic_encoder=True"]),
+    (["--device=tpu"], ["device"]),
+])
+def test_train_refuses_bad_input_before_touching_anything(tmp_path, args, words):
+    out = tmp_path / "run"
+    result = run_script("train.py", f"--out_dir={out}", *args)
+    assert_user_error(result, *words)
+    assert not out.exists()
+
+
+def test_train_will_not_overwrite_an_existing_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"the user's precious run")
+    result = run_script("train.py", f"--out_dir={tmp_path}")
+    assert_user_error(result, "already exists", "--resume=True")
+    assert ckpt.read_bytes() == b"the user's precious run"
+
+
+def make_bad_checkpoints(folder):
+    """Files a user might point at by mistake, each with the words its error must contain."""
+    torch.save({"state_dict": {}}, folder / "foreign.pt")
+    (folder / "notes.txt").write_text("not a checkpoint at all\n")
+    return {
+        str(folder / "missing.pt"): "no checkpoint",
+        str(folder / "foreign.pt"): "not an MMD-VAE checkpoint",
+        str(folder / "notes.txt"): "not a readable checkpoint",
+    }
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_scripts_refuse_bad_checkpoints(tmp_path, script):
+    for path, words in make_bad_checkpoints(tmp_path).items():
+        before = sorted(os.listdir(tmp_path))
+        result = run_script(script, f"--checkpoint={path}", f"--out={tmp_path / 'grid.png'}"
+                            if script == "sample.py" else "--json=True")
+        assert_user_error(result, words, path)
+        assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, trained):
+    ckpt = (trained / "ckpt.pt").read_bytes()
+    truncated = tmp_path / "ckpt.pt"
+    truncated.write_bytes(ckpt[: len(ckpt) // 2])
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"an earlier grid")
+    result = run_script("sample.py", f"--checkpoint={truncated}", f"--out={out}")
+    assert_user_error(result, "truncated or corrupt")
+    assert out.read_bytes() == b"an earlier grid"
+    assert truncated.read_bytes() == ckpt[: len(ckpt) // 2]
+    # --resume from it is refused the same way, and the file is kept.
+    result = run_script("train.py", f"--out_dir={tmp_path}", "--resume=True")
+    assert_user_error(result, "truncated or corrupt")
+    assert truncated.read_bytes() == ckpt[: len(ckpt) // 2]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--mode=dream"], ["unknown mode 'dream'"]),
+    (["--num=0"], ["--num=0", "positive"]),
+    (["--axes=0,99"], ["--axes=0,99"]),
+])
+def test_sample_refuses_bad_options(trained, tmp_path, args, words):
+    result = run_script("sample.py", f"--out_dir={trained}", f"--out={tmp_path / 'x.png'}", *args)
+    assert_user_error(result, *words)
+    assert not (tmp_path / "x.png").exists()

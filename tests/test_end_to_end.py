@@ -1,0 +1,67 @@
+"""The user's path on real MNIST: train a few steps, draw grids, evaluate; and a corrupt data file."""
+import json
+import os
+import shutil
+
+import torch
+
+import data
+from conftest import assert_user_error, run_script
+
+
+def test_train_then_sample_every_mode(trained, tmp_path):
+    for name in ("ckpt.pt", "log.csv", "samples_epoch1.png", "losses.png"):
+        assert (trained / name).exists(), name
+    header = (trained / "log.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,step,seconds,train_loss") and "test_mse" in header
+
+    result = run_script("sample.py", f"--out_dir={trained}", f"--out={tmp_path / 'grid.png'}",
+                        f"--tensor={tmp_path / 'grid.pt'}", "--num=16", "--nrow=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    images = torch.load(tmp_path / "grid.pt", weights_only=True)
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+    for mode, count in (("traverse", 16), ("interpolate", 16), ("reconstruct", 16)):
+        result = run_script("sample.py", f"--out_dir={trained}", f"--mode={mode}", "--num=16", "--nrow=4",
+                            f"--out={tmp_path / (mode + '.png')}", f"--tensor={tmp_path / (mode + '.pt')}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert torch.load(tmp_path / f"{mode}.pt", weights_only=True).shape == (count, 1, 28, 28)
+
+
+def test_sample_is_reproducible_from_its_seed(trained, tmp_path):
+    for name in ("a", "b"):
+        run_script("sample.py", f"--out_dir={trained}", f"--out={tmp_path / name}.png", f"--tensor={tmp_path / name}.pt")
+    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"))
+
+
+def test_evaluate_end_to_end(trained, mnist_dir):
+    result = run_script("evaluate.py", f"--checkpoint={trained / 'ckpt.pt'}", "--json", "--num_samples=2000",
+                        f"--data_dir={mnist_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["classifier_accuracy"] >= 0.99
+    assert 0 < metrics["mse"] < 0.2 and metrics["fid"] > metrics["real_fid"] >= 0
+    assert 1 <= metrics["is"] <= 10 and 1 <= metrics["real_is"] <= 10
+    assert 0.1 <= metrics["probe"] <= 1 and 0.1 <= metrics["knn"] <= 1
+    assert len(metrics["cov_eigenvalues"]) == 4
+    result = run_script("evaluate.py", f"--checkpoint={trained / 'ckpt.pt'}", "--dataset=fashion")
+    assert_user_error(result, "trained on mnist, not fashion")
+
+
+def test_corrupt_data_file_is_moved_aside_with_a_clear_error(tmp_path, mnist_dir):
+    raw = data.raw_folder("mnist", str(tmp_path))
+    os.makedirs(raw)
+    for name in data.SHA256["mnist"]:
+        shutil.copy(os.path.join(data.raw_folder("mnist", mnist_dir), name), raw)
+    labels = os.path.join(raw, "t10k-labels-idx1-ubyte")
+    with open(labels, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    result = run_script("train.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}")
+    assert_user_error(result, "t10k-labels-idx1-ubyte", "SHA-256", "run again")
+    assert not os.path.exists(labels) and os.path.exists(labels + ".corrupt")
+    # Run again: the missing file is fetched afresh and verified.
+    data.ensure_files("mnist", str(tmp_path))
+    assert data.sha256(labels) == data.SHA256["mnist"]["t10k-labels-idx1-ubyte"]
