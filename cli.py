@@ -102,6 +102,8 @@ def pick_device(name):
 
 
 TEMPORARY_MARK = ".tmp"
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def remove_stale_temporaries(folder):
@@ -127,6 +129,7 @@ def atomic_write(path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

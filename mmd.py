@@ -19,11 +19,11 @@ ESTIMATORS = ("unbiased", "biased")
 
 
 def squared_distances(x, y):
-    """All pairwise ||x_i - y_j||^2 as an (N, M) matrix."""
-    x_norms = x.pow(2).sum(1, keepdim=True)
-    y_norms = y.pow(2).sum(1)
+    """All pairwise ||x_i - y_j||^2 as an (N, M) matrix, built in place: one N x M buffer."""
+    d2 = (x @ y.T).mul_(-2.0)
+    d2.add_(x.pow(2).sum(1, keepdim=True)).add_(y.pow(2).sum(1))
     # ||x||^2 + ||y||^2 - 2<x, y> can dip just below 0 from rounding.
-    return (x_norms + y_norms - 2.0 * x @ y.T).clamp_min(0.0)
+    return d2.clamp_min_(0.0)
 
 
 def kernel_matrix(x, y, kernel="gaussian", scales=(1.0,), bandwidth=None):
@@ -40,11 +40,21 @@ def kernel_matrix(x, y, kernel="gaussian", scales=(1.0,), bandwidth=None):
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     d2 = squared_distances(x, y)
     unit = 2.0 * x.shape[1] if bandwidth is None else float(bandwidth)
-    k = torch.zeros_like(d2)
+    k = None
     for s in scales:
         c = s * unit
-        k = k + (torch.exp(-d2 / c) if kernel == "gaussian" else c / (c + d2))
+        term = d2.mul(-1.0 / c).exp_() if kernel == "gaussian" else torch.div(c, d2 + c)
+        k = term if k is None else k + term
     return k
+
+
+def mean_kernel(x, y, kernel, scales, bandwidth, skip_diagonal):
+    """Mean of k over all pairs (or all off-diagonal pairs); the matrix is freed on return."""
+    k = kernel_matrix(x, y, kernel, scales, bandwidth)
+    if skip_diagonal:
+        n = k.shape[0]
+        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+    return k.mean()
 
 
 def mmd(x, y, kernel="gaussian", scales=(1.0,), bandwidth=None, estimator="unbiased"):
@@ -53,19 +63,17 @@ def mmd(x, y, kernel="gaussian", scales=(1.0,), bandwidth=None, estimator="unbia
     estimator="unbiased" drops the k(x_i, x_i) terms (a U-statistic: zero in
     expectation when both sets come from one distribution, can be slightly
     negative); "biased" keeps them (a V-statistic: >= 0, exactly 0 for x == y).
+    Only one N x M kernel matrix is alive at a time (two buffers at the peak).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"mmd needs (N, D) and (M, D) samples, got {tuple(x.shape)} and {tuple(y.shape)}")
-    n, m = x.shape[0], y.shape[0]
-    k_xx = kernel_matrix(x, x, kernel, scales, bandwidth)
-    k_yy = kernel_matrix(y, y, kernel, scales, bandwidth)
-    k_xy = kernel_matrix(x, y, kernel, scales, bandwidth)
-    if estimator == "biased":
-        return k_xx.mean() + k_yy.mean() - 2.0 * k_xy.mean()
-    if n < 2 or m < 2:
+    unbiased = estimator == "unbiased"
+    if unbiased and (x.shape[0] < 2 or y.shape[0] < 2):
         raise ValueError("the unbiased MMD needs at least 2 samples in each set")
-    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
-    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-    return within_x + within_y - 2.0 * k_xy.mean()
+    args = (kernel, scales, bandwidth)
+    return (mean_kernel(x, x, *args, skip_diagonal=unbiased) + mean_kernel(y, y, *args, skip_diagonal=unbiased)
+            - 2.0 * mean_kernel(x, y, *args, skip_diagonal=False))

@@ -12,8 +12,8 @@ import torch
 import checkpoint
 from conftest import REPO, TINY, assert_user_error, run_script
 
-# Two epochs of 117 steps with a tiny model: crosses an epoch boundary (test pass, grid, log row).
-FAULT_RUN = TINY + ["--batch_size=512", "--max_steps=300", "--ckpt_interval=7"]
+# Epochs of 234 steps with a tiny model: crosses an epoch boundary (test pass, grid, log row).
+FAULT_RUN = TINY + ["--batch_size=256", "--max_steps=250", "--ckpt_interval=7"]
 
 
 def weights(path):

@@ -104,3 +104,22 @@ def test_rejects_bad_arguments():
         mmd(torch.randn(4, 2), torch.randn(4, 2), estimator="median")
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         mmd(torch.randn(4, 2), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "imq"])
+def test_gradients_match_the_expanded_formula(kernel):
+    # The in-place distance matrix must give the same gradients as the textbook N x M x D form.
+    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(9, 3, dtype=torch.float64) + 1
+
+    def expanded(a, b):
+        d2 = (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+        c = 2.0 * a.shape[1]
+        return torch.exp(-d2 / c) if kernel == "gaussian" else c / (c + d2)
+
+    kxx, kyy, kxy = expanded(x, x), expanded(y, y), expanded(x, y)
+    reference = ((kxx.sum() - kxx.diagonal().sum()) / (12 * 11) + (kyy.sum() - kyy.diagonal().sum()) / (9 * 8)
+                 - 2 * kxy.mean())
+    (expected,) = torch.autograd.grad(reference, x)
+    (got,) = torch.autograd.grad(mmd(x, y, kernel), x)
+    assert torch.allclose(got, expected, atol=1e-10)

@@ -1,0 +1,294 @@
+"""Speed of this repo on the current device, every figure measured side by side in one run.
+
+    python bench.py              # a table
+    python bench.py --json       # one JSON object
+    python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
+
+  train       images/s and ms per step of the default model and batch size through our loop
+              (uint8 data on the device, batches by index, MMD from one matmul) and through a
+              naive loop on the same model (DataLoader over float images with per-sample
+              collation, MMD from an expanded N x M x D difference tensor); their ratio
+  variants    our step with each optimisation switched: fp32 or bf16, foreach or fused Adam,
+              channels_last, torch.compile, CUDA graphs (the first step's time includes
+              compiling or capturing)
+  flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against
+              this device's dense float32 matmul FLOP/s
+  mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
+              expanded (skipped where the expanded form cannot fit in memory)
+  sampling    images/s of sample.py's decode path
+Each time is the median of several timed repeats after a warm-up.
+"""
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import data
+import train
+from cli import parse_overrides, pick_device, run
+from mmd import mmd
+from model import MMDVAE
+
+DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def mmd_expanded(x, y, scales, unit):
+    """The textbook form: an N x M x D difference tensor per kernel matrix."""
+    def mean_k(a, b, skip_diagonal):
+        d2 = (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
+        k = sum(torch.exp(-d2 / (s * unit)) for s in scales)
+        if skip_diagonal:
+            return (k.sum() - k.diagonal().sum()) / (len(a) * (len(a) - 1))
+        return k.mean()
+    return mean_k(x, x, True) + mean_k(y, y, True) - 2 * mean_k(x, y, False)
+
+
+def default_model(device, cfg):
+    torch.manual_seed(0)
+    return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"]).to(device)
+
+
+def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compile_step=False, **overrides):
+    """One training step exactly as train.py runs it; keyword overrides change train.py's settings."""
+    cfg = {**cfg, **overrides}
+    model = default_model(device, cfg)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = (torch.optim.Adam(model.parameters(), lr=cfg["lr"]) if foreach_adam
+                 else train.make_optimizer(model, cfg, device))
+    loss_fn = torch.compile(train.compute_loss) if compile_step else train.compute_loss
+    train_step = train.make_train_step(model, optimizer, cfg, device, loss_fn)
+    batches = data.batch_order(len(images), cfg["batch_size"], 0, 0).to(device)
+    position = [0]
+
+    def step():
+        x = data.to_float(images[batches[position[0] % len(batches)]])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        train_step(x, cfg["lr"])
+        position[0] += 1
+    return step
+
+
+def naive_step(images, device, cfg):
+    """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32."""
+    model = default_model(device, cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    scales = train.parse_scales(cfg["kernel_scales"])
+    dataset = TensorDataset(images.cpu().float().div(255).unsqueeze(1))
+    batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
+
+    def step():
+        torch.set_flush_denormal(False)  # one of our CPU settings (train.speed_settings): not the naive loop's
+        try:
+            (x,) = next(batches[0])
+        except StopIteration:
+            batches[0] = iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))
+            (x,) = next(batches[0])
+        x = x.to(device)
+        logits, z, _, _ = model(x)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
+        loss = recon + cfg["mmd_weight"] * mmd_expanded(z, torch.randn_like(z), scales, 2.0 * z.shape[1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        train.speed_settings(device)
+    return step
+
+
+def interleaved_ms_per_step(steps_by_name, device, steps, repeats):
+    """Median ms per step of each step function, timed in turns so that drift hits all alike.
+    Also the first step's seconds (which includes compiling, where there is any)."""
+    first, times = {}, {name: [] for name in steps_by_name}
+    for name, step in steps_by_name.items():
+        started = time.perf_counter()
+        step()
+        sync(device)
+        first[name] = time.perf_counter() - started
+        for _ in range(3):
+            step()
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            times[name].append((time.perf_counter() - started) / steps)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}, first
+
+
+def multiply_adds_per_image(model):
+    """Multiply-adds of one forward pass, counted from the conv and linear layer shapes."""
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            total[0] += module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            total[0] += output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.ConvTranspose2d):
+            total[0] += inputs[0][0].numel() * module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def matmul_flops(device, n, repeats, dtype):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, device, repeats, warmup=2)
+
+
+def available_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def status_bytes(field):
+    """VmRSS (resident now) or VmHWM (resident at the peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss():
+    """Returns the resident bytes now, after resetting the kernel's peak mark to it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_bytes("VmRSS")
+
+
+def time_mmd(form, n, d, device, repeats):
+    """(median seconds, peak extra bytes) of one MMD^2 of two (n, d) sets, without gradients."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, d, generator=g).to(device), torch.randn(n, d, generator=g).to(device)
+    fn = (lambda: mmd(x, y)) if form == "ours" else (lambda: mmd_expanded(x, y, [1.0], 2.0 * d))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
+    with torch.inference_mode():
+        seconds = median_seconds(fn, device, repeats, warmup=0)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else status_bytes("VmHWM")) - base
+    return seconds, max(peak, 0)
+
+
+def bench(device, quick, data_dir):
+    cfg = dict(train.DEFAULTS)
+    repeats, steps = (3, 5) if quick else (7, 10)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)",
+               "torch": torch.__version__, "batch_size": cfg["batch_size"]}
+    images = data.load(cfg["dataset"], data_dir, device)["train"][0]
+    train.speed_settings(device)
+
+    # Each optimisation switched, against train.py's step ("ours": fused Adam, bf16 autocast on CPUs
+    # with native bf16, a CUDA graph on CUDA).
+    candidates = {"ours": our_step(images, device, cfg), "naive": naive_step(images, device, cfg),
+                  "fp32_foreach_adam": our_step(images, device, cfg, foreach_adam=True, precision="fp32", cuda_graph=False),
+                  "fp32_fused_adam": our_step(images, device, cfg, precision="fp32", cuda_graph=False),
+                  "bf16_fused_adam": our_step(images, device, cfg, precision="bf16", cuda_graph=False),
+                  "plus_channels_last": our_step(images, device, cfg, channels_last=True)}
+    if not quick:
+        candidates["plus_compile"] = our_step(images, device, cfg, compile_step=True, cuda_graph=False)
+    if device.type == "cuda":
+        candidates["bf16_cuda_graph"] = our_step(images, device, cfg, precision="bf16")
+    ms, first = interleaved_ms_per_step(candidates, device, steps, repeats)
+    ours, naive = ms["ours"] / 1000, ms["naive"] / 1000
+    results["precision"] = "bf16 autocast" if train.autocast_dtype(device, cfg["precision"]) else "fp32"
+    results["train"] = {"ours_images_per_s": cfg["batch_size"] / ours, "ours_ms_per_step": 1000 * ours,
+                        "naive_images_per_s": cfg["batch_size"] / naive, "naive_ms_per_step": 1000 * naive,
+                        "ratio": naive / ours}
+    results["variants"] = {name: {"ms_per_step": ms[name], "first_step_s": first[name]}
+                           for name in candidates if name != "naive"}
+
+    macs = multiply_adds_per_image(default_model(device, cfg))
+    achieved = 6 * macs * cfg["batch_size"] / ours
+    # Against a matmul in the precision the step computes in (bf16 where autocast is on).
+    dtype = train.autocast_dtype(device, cfg["precision"]) or torch.float32
+    peak = matmul_flops(device, 8192 if device.type == "cuda" else 2048, repeats, dtype)
+    results["flops"] = {"multiply_adds_per_image": macs, "train_flops_per_s": achieved, "matmul_dtype": str(dtype),
+                        "matmul_flops_per_s": peak, "percent_of_matmul": 100 * achieved / peak}
+
+    sizes = (1024, 4096) if quick else (4096, 16384)
+    results["mmd"] = {str(n): {} for n in sizes}
+    for form in ("ours", "expanded"):
+        for n in sizes:
+            need = 2 * n * n * 64 * 4  # the expanded form's difference tensor and its square
+            if form == "expanded" and need > 0.8 * available_bytes(device):
+                results["mmd"][str(n)][form] = {"skipped": f"needs about {need / 2**30:.0f} GiB"}
+                continue
+            seconds, peak_bytes = time_mmd(form, n, 64, device, repeats=2 if form == "expanded" else repeats)
+            results["mmd"][str(n)][form] = {"seconds": seconds, "peak_gib": peak_bytes / 2**30}
+
+    model = default_model(device, cfg).eval()
+    z = torch.randn(10000, cfg["latent_dim"], device=device)
+
+    def decode_all():
+        with torch.inference_mode():
+            for chunk in z.split(1000):
+                model.decode(chunk)
+    results["sampling_images_per_s"] = len(z) / median_seconds(decode_all, device, repeats)
+    return results
+
+
+def print_table(r):
+    t = r["train"]
+    print(f"device: {r['device']}, torch {r['torch']}, batch {r['batch_size']}, {r['precision']}")
+    print(f"train   ours  {t['ours_images_per_s']:9.0f} images/s  {t['ours_ms_per_step']:7.2f} ms/step")
+    print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   ours/naive {t['ratio']:.2f}x")
+    for name, v in r["variants"].items():
+        extra = f"  (first step {v['first_step_s']:.1f}s)" if "first_step_s" in v else ""
+        print(f"        {name:<19}{v['ms_per_step']:7.2f} ms/step{extra}")
+    f = r["flops"]
+    print(f"flops   {f['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image; training {f['train_flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {f['percent_of_matmul']:.1f}% of a {f['matmul_dtype'].split('.')[-1]} matmul's {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    for n, row in r["mmd"].items():
+        cells = [f"{form} " + (f"{v['seconds'] * 1000:.0f} ms, {v['peak_gib']:.2f} GiB" if "seconds" in v else v["skipped"])
+                 for form, v in row.items()]
+        print(f"mmd     N=M={n}, D=64: " + " | ".join(cells))
+    print(f"sample  {r['sampling_images_per_s']:.0f} images/s decoded")
+
+
+def main(argv):
+    cfg, _ = parse_overrides(DEFAULTS, argv, "bench.py")
+    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"])
+    if cfg["json"]:
+        print(json.dumps(results))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    run(main)
