@@ -4,8 +4,11 @@ import os
 import pytest
 import torch
 
+import evaluate
+import sample
+import train
 from cli import UserError, parse_overrides
-from conftest import TINY, assert_user_error, run_script
+from conftest import assert_user_error, run_script
 
 DEFAULTS = {"batch_size": 100, "lr": 1e-3, "resume": False, "kernel": "gaussian"}
 
@@ -35,7 +38,7 @@ def test_bad_overrides_are_user_errors(argv, words):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--epochs=ten"], ["--epochs=ten", "int"]),
+    (["--epochs=1.5"], ["--epochs=1.5", "int"]),
     (["--learning_rate=0.1"], ["unknown option --learning_rate"]),
     (["--batch_size=0"], ["--batch_size=0", "positive"]),
     (["--latent_dim=-3"], ["--latent_dim=-3", "positive"]),
@@ -48,9 +51,17 @@ def test_bad_overrides_are_user_errors(argv, words):
 ])
 def test_train_refuses_bad_input_before_touching_anything(tmp_path, args, words):
     out = tmp_path / "run"
-    result = run_script("train.py", f"--out_dir={out}", *args)
-    assert_user_error(result, *words)
+    with pytest.raises(UserError) as info:
+        train.main([f"--out_dir={out}", *args])
+    for word in words:
+        assert word in str(info.value)
     assert not out.exists()
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
+    result = run_script("train.py", f"--out_dir={tmp_path / 'run'}", "--epochs=ten")
+    assert_user_error(result, "--epochs=ten", "int")
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_will_not_overwrite_an_existing_checkpoint(tmp_path):
@@ -72,14 +83,15 @@ def make_bad_checkpoints(folder):
     }
 
 
-@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
-def test_scripts_refuse_bad_checkpoints(tmp_path, script):
+def test_scripts_refuse_bad_checkpoints(tmp_path):
     for path, words in make_bad_checkpoints(tmp_path).items():
         before = sorted(os.listdir(tmp_path))
-        result = run_script(script, f"--checkpoint={path}", f"--out={tmp_path / 'grid.png'}"
-                            if script == "sample.py" else "--json=True")
-        assert_user_error(result, words, path)
+        for main, extra in ((sample.main, f"--out={tmp_path / 'grid.png'}"), (evaluate.main, "--json")):
+            with pytest.raises(UserError) as info:
+                main([f"--checkpoint={path}", extra])
+            assert words in str(info.value) and path in str(info.value)
         assert sorted(os.listdir(tmp_path)) == before
+    assert_user_error(run_script("evaluate.py", f"--checkpoint={tmp_path / 'notes.txt'}"), "not a readable checkpoint")
 
 
 def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, trained):
@@ -104,6 +116,8 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, trained):
     (["--axes=0,99"], ["--axes=0,99"]),
 ])
 def test_sample_refuses_bad_options(trained, tmp_path, args, words):
-    result = run_script("sample.py", f"--out_dir={trained}", f"--out={tmp_path / 'x.png'}", *args)
-    assert_user_error(result, *words)
+    with pytest.raises(UserError) as info:
+        sample.main([f"--out_dir={trained}", f"--out={tmp_path / 'x.png'}", *args])
+    for word in words:
+        assert word in str(info.value)
     assert not (tmp_path / "x.png").exists()
