@@ -32,7 +32,7 @@ def save(path, checkpoint):
 def load(path, device="cpu"):
     """The checkpoint dict at `path`, or a UserError saying what is wrong with the file."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; train one with `python train.py` or pass --checkpoint=PATH")
+        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`, or point to another file")
     try:
         with warnings.catch_warnings():  # a foreign pickle protocol warns before it fails; the error says it all
             warnings.simplefilter("ignore")

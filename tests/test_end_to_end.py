@@ -6,6 +6,7 @@ import shutil
 import torch
 
 import data
+import sample
 from conftest import assert_user_error, run_script
 
 
@@ -23,17 +24,19 @@ def test_train_then_sample_every_mode(trained, tmp_path):
     assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
     assert (tmp_path / "grid.png").stat().st_size > 0
 
-    for mode, count in (("traverse", 16), ("interpolate", 16), ("reconstruct", 16)):
-        result = run_script("sample.py", f"--out_dir={trained}", f"--mode={mode}", "--num=16", "--nrow=4",
-                            f"--out={tmp_path / (mode + '.png')}", f"--tensor={tmp_path / (mode + '.pt')}")
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert torch.load(tmp_path / f"{mode}.pt", weights_only=True).shape == (count, 1, 28, 28)
+    for mode in ("traverse", "interpolate", "reconstruct"):
+        sample.main([f"--out_dir={trained}", f"--mode={mode}", "--num=16", "--nrow=4",
+                     f"--out={tmp_path / (mode + '.png')}", f"--tensor={tmp_path / (mode + '.pt')}"])
+        images = torch.load(tmp_path / f"{mode}.pt", weights_only=True)
+        assert images.shape == (16, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
 
 
 def test_sample_is_reproducible_from_its_seed(trained, tmp_path):
     for name in ("a", "b"):
-        run_script("sample.py", f"--out_dir={trained}", f"--out={tmp_path / name}.png", f"--tensor={tmp_path / name}.pt")
-    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"))
+        sample.main([f"--out_dir={trained}", f"--out={tmp_path / name}.png", f"--tensor={tmp_path / name}.pt"])
+    sample.main([f"--out_dir={trained}", f"--out={tmp_path}/c.png", f"--tensor={tmp_path}/c.pt", "--seed=1"])
+    a, b, c = (torch.load(tmp_path / f"{name}.pt") for name in "abc")
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_evaluate_end_to_end(trained, mnist_dir):
