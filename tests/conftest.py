@@ -42,6 +42,6 @@ def mnist_dir():
 def trained(tmp_path_factory, mnist_dir):
     """A checkpoint from a short real run of train.py, shared by the read-only tests."""
     out = tmp_path_factory.mktemp("trained")
-    result = run_script("train.py", *TINY, "--max_steps=60", "--lr=3e-3", f"--out_dir={out}", f"--data_dir={mnist_dir}")
+    result = run_script("train.py", *TINY, "--max_steps=200", "--lr=3e-3", f"--out_dir={out}", f"--data_dir={mnist_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out

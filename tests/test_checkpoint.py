@@ -30,7 +30,7 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
     ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
     for key in ("model", "model_args", "config", "optimizer", "epoch", "step", "epoch_step", "rng"):
         assert key in ckpt, key
-    assert ckpt["step"] == 60 and ckpt["config"]["max_steps"] == 60
+    assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
     assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False}
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
@@ -128,10 +128,10 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
     result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--latent_dim=16")
     assert_user_error(result, "--latent_dim=16", "latent_dim=4")
     assert (out / "ckpt.pt").read_bytes() == before
-    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--max_steps=70", f"--data_dir={mnist_dir}")
+    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--max_steps=210", f"--data_dir={mnist_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "max_steps changed from 60 to 70" in result.stdout
-    assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 70
+    assert "max_steps changed from 200 to 210" in result.stdout
+    assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 210
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):
