@@ -1,0 +1,58 @@
+"""The evaluation metrics on inputs whose answer is known."""
+import math
+
+import pytest
+import torch
+
+from evaluate import class_coverage, frechet_distance, inception_score, knn_accuracy, probe_accuracy
+
+
+def sqrtm_trace_reference(a, b, iterations=60):
+    """tr((A B)^(1/2)) by Denman-Beavers iteration on the product itself: the brute-force check."""
+    y, z = a @ b, torch.eye(len(a), dtype=a.dtype)
+    for _ in range(iterations):
+        y, z = 0.5 * (y + torch.linalg.inv(z)), 0.5 * (z + torch.linalg.inv(y))
+    return y.trace().item()
+
+
+def test_frechet_distance_matches_a_brute_force_matrix_square_root():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(500, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    expected = ((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace()
+                - 2 * sqrtm_trace_reference(cov_a, cov_b)).item()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(1))
+    assert abs(frechet_distance(x, x)) < 1e-6
+    distances = [frechet_distance(x, x + shift) for shift in (0.1, 0.5, 1.0)]
+    assert distances == sorted(distances)
+    # A pure mean shift adds exactly ||shift||^2.
+    assert distances[2] == pytest.approx(16 * 1.0, rel=1e-4)
+
+
+def test_inception_score_of_confident_balanced_predictions_is_the_class_count():
+    probs = torch.eye(10).repeat(50, 1)
+    assert inception_score(probs) == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(torch.full((100, 10), 0.1)) == pytest.approx(1.0)   # uninformative
+    assert inception_score(torch.eye(10)[[3] * 100]) == pytest.approx(1.0)     # one class only
+
+
+def test_class_coverage():
+    assert class_coverage(torch.eye(10).repeat(10, 1)) == 1.0
+    assert class_coverage(torch.eye(10)[[0] * 90 + [1] * 10]) == pytest.approx(0.2)
+
+
+def test_probe_and_knn_separate_separable_codes():
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 10, (2000,), generator=g)
+    centres = torch.randn(10, 8, generator=g) * 10
+    codes = centres[labels] + torch.randn(2000, 8, generator=g)
+    assert probe_accuracy(codes[:1500], labels[:1500], codes[1500:], labels[1500:]) == 1.0
+    assert knn_accuracy(codes[:1500], labels[:1500], codes[1500:], labels[1500:]) == 1.0
+    noise = torch.randn(2000, 8, generator=g)
+    assert probe_accuracy(noise[:1500], labels[:1500], noise[1500:], labels[1500:]) < 0.3
+    assert not math.isnan(knn_accuracy(noise[:1500], labels[:1500], noise[1500:], labels[1500:]))
