@@ -347,7 +347,6 @@ def main(argv):
 
     model = MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"]).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    amp_dtype = autocast_dtype(device, cfg["precision"])
     step, epoch, epoch_step = 0, 0, 0
     running = torch.zeros(4, device=device)  # sums of loss, recon, mmd, kl over this epoch's steps
     log_path = os.path.join(cfg["out_dir"], "log.csv")
@@ -362,7 +361,8 @@ def main(argv):
         log_rows = [r for r in read_log(log_path) if int(r["step"]) <= step]
         print(f"resumed from {ckpt_path} at epoch {epoch + 1}, step {step}")
     num_params = sum(p.numel() for p in model.parameters())
-    mode = ("bf16 autocast" if amp_dtype else "fp32") + (", CUDA graph" if cfg["cuda_graph"] and device.type == "cuda" else "")
+    mode = ("bf16 autocast" if autocast_dtype(device, cfg["precision"]) else "fp32") + (
+        ", CUDA graph" if cfg["cuda_graph"] and device.type == "cuda" else "")
     print(f"training on {device} ({mode}): {num_params / 1e6:.2f}M parameters, {total_steps} steps "
           f"({steps_per_epoch} per epoch), output in {cfg['out_dir']}/")
 
