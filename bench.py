@@ -3,16 +3,18 @@
     python bench.py              # a table
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
+    python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
 
   train       images/s and ms per step of the default model and batch size through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
               naive loop on the same model (DataLoader over float images with per-sample
               collation, MMD from an expanded N x M x D difference tensor); their ratio
+  one_thread  ours and naive again with one CPU thread (on a CPU with more), to show how each scales
   variants    our step with each optimisation switched: fp32 or bf16, foreach or fused Adam,
               channels_last, torch.compile, CUDA graphs (the first step's time includes
               compiling or capturing)
-  flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against
-              this device's dense float32 matmul FLOP/s
+  flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against this
+              device's dense matmul FLOP/s in the precision the step computes in (bf16 or fp32)
   mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
               expanded (skipped where the expanded form cannot fit in memory)
   sampling    images/s of sample.py's decode path
@@ -34,7 +36,9 @@ from cli import parse_overrides, pick_device, run
 from mmd import mmd
 from model import MMDVAE
 
-DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data")
+# The model's shape and the batch size default to train.py's; override them to time another shape.
+SHAPE = ("latent_dim", "channels", "hidden", "batch_size")
+DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in SHAPE})
 
 
 def sync(device):
@@ -141,6 +145,18 @@ def interleaved_ms_per_step(steps_by_name, device, steps, repeats):
     return {name: 1000 * statistics.median(t) for name, t in times.items()}, first
 
 
+def one_thread_ratio(images, device, cfg, steps, repeats):
+    """Both loops again with one intra-op thread: how much each gains from the machine's other cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms, _ = interleaved_ms_per_step({"ours": our_step(images, device, cfg), "naive": naive_step(images, device, cfg)},
+                                        device, steps, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {"ours_ms_per_step": ms["ours"], "naive_ms_per_step": ms["naive"], "ratio": ms["naive"] / ms["ours"]}
+
+
 def multiply_adds_per_image(model):
     """Multiply-adds of one forward pass, counted from the conv and linear layer shapes."""
     total = [0]
@@ -205,11 +221,12 @@ def time_mmd(form, n, d, device, repeats):
     return seconds, max(peak, 0)
 
 
-def bench(device, quick, data_dir):
-    cfg = dict(train.DEFAULTS)
+def bench(device, quick, data_dir, shape):
+    cfg = {**train.DEFAULTS, **shape}
+    train.validate(cfg)
     repeats, steps = (3, 5) if quick else (7, 10)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)",
-               "torch": torch.__version__, "batch_size": cfg["batch_size"]}
+               "torch": torch.__version__, **shape}
     images = data.load(cfg["dataset"], data_dir, device)["train"][0]
     train.speed_settings(device)
 
@@ -232,6 +249,8 @@ def bench(device, quick, data_dir):
                         "ratio": naive / ours}
     results["variants"] = {name: {"ms_per_step": ms[name], "first_step_s": first[name]}
                            for name in candidates if name != "naive"}
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        results["one_thread"] = one_thread_ratio(images, device, cfg, steps, repeats)
 
     macs = multiply_adds_per_image(default_model(device, cfg))
     achieved = 6 * macs * cfg["batch_size"] / ours
@@ -265,9 +284,14 @@ def bench(device, quick, data_dir):
 
 def print_table(r):
     t = r["train"]
-    print(f"device: {r['device']}, torch {r['torch']}, batch {r['batch_size']}, {r['precision']}")
+    print(f"device: {r['device']}, torch {r['torch']}, {r['precision']}, model latent {r['latent_dim']} channels {r['channels']} "
+          f"hidden {r['hidden']}, batch {r['batch_size']}")
     print(f"train   ours  {t['ours_images_per_s']:9.0f} images/s  {t['ours_ms_per_step']:7.2f} ms/step")
     print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   ours/naive {t['ratio']:.2f}x")
+    if "one_thread" in r:
+        o = r["one_thread"]
+        print(f"        1 thread:  ours {o['ours_ms_per_step']:.2f} ms/step, naive {o['naive_ms_per_step']:.2f} ms/step, "
+              f"ours/naive {o['ratio']:.2f}x")
     for name, v in r["variants"].items():
         extra = f"  (first step {v['first_step_s']:.1f}s)" if "first_step_s" in v else ""
         print(f"        {name:<19}{v['ms_per_step']:7.2f} ms/step{extra}")
@@ -283,7 +307,7 @@ def print_table(r):
 
 def main(argv):
     cfg, _ = parse_overrides(DEFAULTS, argv, "bench.py")
-    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"])
+    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"], {k: cfg[k] for k in SHAPE})
     if cfg["json"]:
         print(json.dumps(results))
     else:
