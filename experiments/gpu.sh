@@ -16,6 +16,10 @@ import json, sys
 import bench
 bench.print_table(json.load(open(sys.argv[1])))
 PY
+# Batch sizes that fill the GPU: both loops' throughput at larger batches (the default is 100).
+for batch in 400 1600; do
+  "$PYTHON" bench.py --quick --batch_size=$batch | grep -E "^(device|train|  +naive)" | tee -a "$OUT/gpu.txt"
+done
 started=$(date +%s.%N)
 "$PYTHON" train.py --out_dir=runs/gpu_default --overwrite=True > "$OUT/train.log" 2>&1
 echo "default run: exit $?, $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s wall-clock" | tee -a "$OUT/gpu.txt"
