@@ -5,7 +5,7 @@
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
     python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
 
-  train       images/s and ms per step of the default model and batch size through our loop
+  train       images/s and ms per step of the model and batch size (train.py's) through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
               naive loop on the same model (DataLoader over float images with per-sample
               collation, MMD from an expanded N x M x D difference tensor); their ratio
