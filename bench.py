@@ -20,7 +20,6 @@
   sampling    images/s of sample.py's decode path
 Each time is the median of several timed repeats after a warm-up.
 """
-import json
 import os
 import statistics
 import time
@@ -32,9 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import data
 import train
-from cli import parse_overrides, pick_device, run
+from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
-from model import MMDVAE
 
 # The model's shape and the batch size default to train.py's; override them to time another shape.
 SHAPE = ("latent_dim", "channels", "hidden", "batch_size")
@@ -72,7 +70,7 @@ def mmd_expanded(x, y, scales, unit):
 
 def default_model(device, cfg):
     torch.manual_seed(0)
-    return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"]).to(device)
+    return train.make_model(cfg, device)
 
 
 def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compile_step=False, **overrides):
@@ -243,7 +241,7 @@ def bench(device, quick, data_dir, shape):
         candidates["bf16_cuda_graph"] = our_step(images, device, cfg, precision="bf16")
     ms, first = interleaved_ms_per_step(candidates, device, steps, repeats)
     ours, naive = ms["ours"] / 1000, ms["naive"] / 1000
-    results["precision"] = "bf16 autocast" if train.autocast_dtype(device, cfg["precision"]) else "fp32"
+    results["precision"] = train.precision_name(device, cfg["precision"])
     results["train"] = {"ours_images_per_s": cfg["batch_size"] / ours, "ours_ms_per_step": 1000 * ours,
                         "naive_images_per_s": cfg["batch_size"] / naive, "naive_ms_per_step": 1000 * naive,
                         "ratio": naive / ours}
@@ -308,10 +306,7 @@ def print_table(r):
 def main(argv):
     cfg, _ = parse_overrides(DEFAULTS, argv, "bench.py")
     results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"], {k: cfg[k] for k in SHAPE})
-    if cfg["json"]:
-        print(json.dumps(results))
-    else:
-        print_table(results)
+    print_results(results, cfg["json"], print_table)
 
 
 if __name__ == "__main__":

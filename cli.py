@@ -7,6 +7,7 @@
   same folder, fsync, os.replace) so a crash never leaves a half-written one.
 """
 import ast
+import json
 import os
 import sys
 import tempfile
@@ -82,6 +83,14 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def print_results(results, as_json, print_table):
+    """--json: one JSON object on stdout, for scripts; otherwise print_table(results), for people."""
+    if as_json:
+        print(json.dumps(results))
+    else:
+        print_table(results)
 
 
 def pick_device(name):

@@ -18,7 +18,6 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
              norm of the code mean, eigenvalues of the code covariance (1 for the prior)
 The same sample metrics for 10,000 real training images give the floor (real vs real).
 """
-import json
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ from torch import nn
 
 import checkpoint
 import data
-from cli import UserError, atomic_write, parse_overrides, pick_device, require, run
+from cli import atomic_write, parse_overrides, pick_device, print_results, require, run
 from mmd import mmd
 
 DEFAULTS = dict(
@@ -258,10 +257,7 @@ def main(argv):
     classifier, accuracy = load_classifier(dataset, data_dir, splits, device)
     results = {"checkpoint": cfg["checkpoint"], "dataset": dataset, "classifier_accuracy": accuracy,
                **evaluate(model, splits, classifier, cfg["num_samples"], cfg["seed"])}
-    if cfg["json"]:
-        print(json.dumps(results))
-    else:
-        print_table(results)
+    print_results(results, cfg["json"], print_table)
 
 
 if __name__ == "__main__":
