@@ -1,6 +1,8 @@
 """Draw image grids from a trained MMD-VAE.
 
     python sample.py                                 # 8x8 grid of decoded N(0, I) noise -> images/samples.png
+    python sample.py --prior=gmm                     # the same from the checkpoint's ex-post prior (prior.py)
+    python sample.py --fit_prior                     # fit that prior for a checkpoint that has none, and save it
     python sample.py --mode=traverse                 # sweep two latent axes over [-2, 2]
     python sample.py --mode=interpolate              # walk between encoded test digits
     python sample.py --mode=reconstruct              # test digits above their reconstructions
@@ -16,12 +18,17 @@ from torchvision.utils import save_image
 
 import checkpoint
 import data
+import prior
+import train
 from cli import atomic_write, parse_overrides, pick_device, require, run
 
 DEFAULTS = dict(
     out_dir="out",           # where train.py wrote ckpt.pt
     checkpoint="",           # a checkpoint file; empty = {out_dir}/ckpt.pt
     mode="sample",           # sample, traverse, interpolate or reconstruct
+    prior="normal",          # sample mode draws z from: normal (N(0, I), the MMD-VAE's claim) or gmm (the ex-post prior)
+    fit_prior=False,         # fit the ex-post prior to the train codes and store it in the checkpoint first
+    prior_components=train.prior_components,  # Gaussian components of that fit
     num=64,                  # images in the grid (sample mode; rows x nrow in the others)
     nrow=8,                  # images per row
     seed=0,                  # noise and choice of test digits
@@ -31,12 +38,22 @@ DEFAULTS = dict(
     device="auto",
 )
 MODES = ("sample", "traverse", "interpolate", "reconstruct")
+PRIORS = ("normal", "gmm")
 
 
-def sample(model, num, generator):
-    """Decode num draws of z ~ N(0, I)."""
-    z = torch.randn(num, model.latent_dim, generator=generator)
+def sample(model, num, generator, gmm=None):
+    """Decode num draws of z ~ N(0, I), or of the ex-post prior `gmm` when given."""
+    z = torch.randn(num, model.latent_dim, generator=generator) if gmm is None else prior.sample_gmm(gmm, num, generator)
     return model.decode(z.to(next(model.parameters()).device))
+
+
+def fit_prior(model, ckpt, path, components, device):
+    """Fit the ex-post prior to the checkpoint's own training set and save it into the checkpoint."""
+    images = data.load(ckpt["config"]["dataset"], ckpt["config"]["data_dir"], device)["train"][0]
+    prior.check_components(components, len(images))
+    ckpt["prior"] = prior.fit(model, images, components, ckpt["config"]["seed"])
+    checkpoint.save(path, ckpt)
+    print(f"fitted a {components}-component ex-post prior in {ckpt['prior']['seconds']:.1f}s and saved it to {path}")
 
 
 def traverse(model, nrow, axes):
@@ -72,9 +89,16 @@ def main(argv):
     cfg, _ = parse_overrides(DEFAULTS, argv, "sample.py")
     require(cfg["mode"] in MODES, f"unknown mode {cfg['mode']!r}; choose one of {', '.join(MODES)}")
     require(cfg["num"] > 0 and cfg["nrow"] > 0, f"--num={cfg['num']} and --nrow={cfg['nrow']} must be positive")
+    require(cfg["prior"] in PRIORS, f"unknown prior {cfg['prior']!r}; choose one of {', '.join(PRIORS)}")
+    require(cfg["prior"] == "normal" or cfg["mode"] == "sample",
+            f"--prior={cfg['prior']} applies to --mode=sample, the only mode that draws from the prior")
     device = pick_device(cfg["device"])
     path = cfg["checkpoint"] or os.path.join(cfg["out_dir"], "ckpt.pt")
     model, ckpt = checkpoint.load_model(path, device)
+    if cfg["fit_prior"]:
+        fit_prior(model, ckpt, path, cfg["prior_components"], device)
+    require(cfg["prior"] == "normal" or "prior" in ckpt,
+            f"{path} has no ex-post prior; fit one with `python sample.py --fit_prior --checkpoint={path}`")
     try:
         axes = [int(a) for a in cfg["axes"].split(",")]
     except ValueError:
@@ -87,7 +111,7 @@ def main(argv):
 
     with torch.no_grad():
         if cfg["mode"] == "sample":
-            images = sample(model, cfg["num"], generator)
+            images = sample(model, cfg["num"], generator, ckpt.get("prior") if cfg["prior"] == "gmm" else None)
         elif cfg["mode"] == "traverse":
             images = traverse(model, nrow, axes)
         elif cfg["mode"] == "interpolate":
@@ -99,7 +123,8 @@ def main(argv):
 
     with atomic_write(cfg["out"]) as tmp:
         save_image(images, tmp, nrow=nrow, padding=2, pad_value=0.5)
-    print(f"wrote {cfg['out']} ({len(images)} images, {cfg['mode']}) from {path}")
+    source = f", from the {cfg['prior']} prior" if cfg["mode"] == "sample" else ""
+    print(f"wrote {cfg['out']} ({len(images)} images, {cfg['mode']}{source}) from {path}")
     if cfg["tensor"]:
         with atomic_write(cfg["tensor"]) as tmp:
             torch.save(images, tmp)

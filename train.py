@@ -12,7 +12,9 @@ Loss per image (Zhao, Song & Ermon, "InfoVAE", arXiv:1706.02262):
 kl_weight=0 is the pure MMD-VAE; kl_weight=1, mmd_weight=0 is the ELBO-VAE.
 
 Each epoch writes {out_dir}/ckpt.pt, a row of {out_dir}/log.csv and a grid of
-samples {out_dir}/samples_epoch{N}.png; the run ends with {out_dir}/losses.png.
+samples {out_dir}/samples_epoch{N}.png. The run ends by fitting the ex-post prior
+(a Gaussian mixture over the train codes, prior.py) into the checkpoint, and
+writing {out_dir}/losses.png.
 """
 # -----------------------------------------------------------------------------
 # Every hyperparameter, with its default. Override any of them as --name=value.
@@ -38,6 +40,8 @@ kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with 
 kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
 kernel_scales = "0.2,1,5"    # comma-separated bandwidth multipliers of 2*latent_dim; several see several length scales
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
+# ex-post prior (prior.py)
+prior_components = 40        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
 # optimizer
 epochs = 30                  # passes over the 60,000 training images (~12 s each on 2 CPU cores with bf16)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
@@ -52,7 +56,7 @@ seed = 1337                  # model init, prior draws and data order all follow
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # Options a resumed run may change; the rest define the model and its loss.
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
-                  "epochs", "max_steps", "device", "precision", "cuda_graph"}
+                  "epochs", "max_steps", "device", "precision", "cuda_graph", "prior_components"}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -70,6 +74,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import prior
 from cli import UserError, atomic_write, parse_overrides, pick_device, remove_stale_temporaries, require, run
 from mmd import ESTIMATORS, KERNELS, mmd
 from model import MMDVAE
@@ -88,7 +93,7 @@ def parse_scales(text):
 def validate(cfg):
     for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
-    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight"):
+    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "prior_components"):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
     require(cfg["lr"] > 0, f"--lr={cfg['lr']} must be positive")
     require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
@@ -349,6 +354,8 @@ def main(argv):
     train_images, test_images = splits["train"][0], splits["test"][0]
     steps_per_epoch = len(train_images) // cfg["batch_size"]
     require(steps_per_epoch > 0, f"--batch_size={cfg['batch_size']} is larger than the training set")
+    if cfg["prior_components"]:
+        prior.check_components(cfg["prior_components"], len(train_images))
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
@@ -379,14 +386,14 @@ def main(argv):
     stop = StopRequest()
     started = time.time()
 
-    def save_checkpoint():
+    def save_checkpoint(**extra):
         # A step can turn the weights to NaN even when its own loss was finite: never save those.
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
             check_finite(float("nan"))
         checkpoint.save(ckpt_path, {
             "model": model.state_dict(), "model_args": model.model_args, "config": cfg,
             "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
-            "running": running, "rng": checkpoint.rng_states(),
+            "running": running, "rng": checkpoint.rng_states(), **extra,
         })
 
     def check_finite(loss):
@@ -443,10 +450,16 @@ def main(argv):
         save_checkpoint()
         stop_if_asked()
 
+    if cfg["prior_components"]:
+        # The ex-post prior belongs to the final weights: fitted once, after the last step.
+        fitted = prior.fit(model, train_images, cfg["prior_components"], cfg["seed"])
+        save_checkpoint(prior=fitted)
+        print(f"ex-post prior: {cfg['prior_components']} Gaussians fitted to the train codes in {fitted['seconds']:.1f}s "
+              f"({fitted['iterations']} EM iterations)")
     if log_rows:
         plot_losses(log_rows, os.path.join(cfg["out_dir"], "losses.png"))
     print(f"done in {time.time() - started:.0f}s: {ckpt_path}; draw samples with "
-          f"`python sample.py --out_dir={cfg['out_dir']}`")
+          f"`python sample.py --out_dir={cfg['out_dir']}` (add --prior=gmm for the ex-post prior)")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# A network small enough that a real training run takes seconds on 2 CPU cores.
-TINY = ["--channels=4", "--hidden=32", "--latent_dim=4", "--batch_size=32", "--log_interval=5"]
+# A network small enough that a real training run takes seconds on 2 CPU cores; no ex-post prior
+# unless a test asks for one.
+TINY = ["--channels=4", "--hidden=32", "--latent_dim=4", "--batch_size=32", "--log_interval=5", "--prior_components=0"]
 
 
 def run_script(script, *args, timeout=300, **kwargs):
@@ -40,8 +41,9 @@ def mnist_dir():
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, mnist_dir):
-    """A checkpoint from a short real run of train.py, shared by the read-only tests."""
+    """A checkpoint from a short real run of train.py, with a 5-component ex-post prior, shared by the read-only tests."""
     out = tmp_path_factory.mktemp("trained")
-    result = run_script("train.py", *TINY, "--max_steps=200", "--lr=3e-3", f"--out_dir={out}", f"--data_dir={mnist_dir}")
+    result = run_script("train.py", *TINY, "--max_steps=200", "--lr=3e-3", "--prior_components=5", f"--out_dir={out}",
+                        f"--data_dir={mnist_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
