@@ -9,9 +9,16 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
 {data_dir}/classifier_{dataset}.pt, and retrained if the cache is missing or bad.
 
   FID        Frechet distance between Gaussian fits of classifier features of
-             10,000 decoded N(0, I) draws and of the test images (lower is better)
+             10,000 images and of the test images (lower is better), for
+             (a) reconstructions of the test images: the decoder's ceiling,
+             (b) decoded N(0, I) draws: the MMD-VAE's own claim,
+             (c) decoded draws from the checkpoint's ex-post prior (prior.py), if it has one,
+             and the ratios (b)/(a) and (c)/(a): how much worse than its ceiling sampling is
   IS         inception score exp(E KL(p(y|x) || p(y))) of the samples; 10 is the ceiling
   coverage   share of the 10 classes that get at least 5% of the samples
+  nearest train  the copy check: median pixel distance from 2,000 images of each set to
+             their nearest training image. Samples that copy the training set sit closer
+             than real test images do
   probe      linear (logistic regression) accuracy on encoder means, fit on train, scored on test
   knn        5-nearest-neighbour accuracy of test codes among train codes
   q(z) vs p(z)  MMD^2 of test codes against N(0, I) draws (Gaussian kernel, bandwidth 2D),
@@ -29,14 +36,15 @@ from torch import nn
 
 import checkpoint
 import data
+import prior
 from cli import atomic_write, parse_overrides, pick_device, print_results, require, run
-from mmd import mmd
+from mmd import mmd, squared_distances
 
 DEFAULTS = dict(
     checkpoint="out/ckpt.pt",  # the checkpoint to evaluate
     dataset="",                # expected dataset; empty = the checkpoint's own
     data_dir="",               # where the data and the classifier cache live; empty = the checkpoint's
-    num_samples=10000,         # decoded N(0, I) draws for FID, IS and coverage
+    num_samples=10000,         # images in each set (reconstructions, N(0, I) and ex-post prior draws) for FID, IS, coverage
     json=False,                # print one JSON object instead of a table
     device="auto",
     seed=0,
@@ -187,8 +195,16 @@ def prior_match(codes, generator, num=5000):
 
 
 @torch.no_grad()
-def evaluate(model, splits, classifier, num_samples=10000, seed=0):
-    """All metrics as one flat dict (see the module docstring)."""
+def nearest_train_distance(images, train_images, batch_size=500):
+    """Pixel-space L2 distance from each image (N, 1, 28, 28) to its nearest training image."""
+    train_flat = data.to_float(train_images).flatten(1)
+    return torch.cat([squared_distances(images[i:i + batch_size].flatten(1), train_flat).min(1).values.sqrt()
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, copy_samples=2000):
+    """All metrics as one flat dict (see the module docstring). gmm: the checkpoint's ex-post prior, if any."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     timings, results = {}, {}
@@ -200,14 +216,37 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0):
     results["bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), test_x, reduction="sum").item() / len(test_x)
     timings["reconstruction"] = time.time() - started
 
+    # The decomposition: (a) reconstructions, the decoder's ceiling; (b) N(0, I) draws, the
+    # MMD-VAE's claim; (c) draws from the ex-post prior. (b)/(a) and (c)/(a) say how much of
+    # the gap is the prior's, not the decoder's.
     started = time.time()
     test_features = in_batches(classifier.features, test_x)
+    sets = {"recon": x_hat[:num_samples]}
     z = torch.randn(num_samples, model.latent_dim, generator=generator).to(device)
-    results.update(sample_metrics(classifier, in_batches(model.decode, z), test_features))
+    sets["normal"] = in_batches(model.decode, z)
+    if gmm is not None:  # its own generator: the same draws as `python sample.py --prior=gmm --seed=SEED`
+        z = prior.sample_gmm(gmm, num_samples, torch.Generator().manual_seed(seed)).to(device)
+        sets["gmm"] = in_batches(model.decode, z)
     pick = torch.randperm(len(splits["train"][0]), generator=generator)[:num_samples].to(device)
-    floor = sample_metrics(classifier, data.to_float(splits["train"][0][pick]), test_features)
-    results.update({f"real_{k}": v for k, v in floor.items()})
+    sets["real"] = data.to_float(splits["train"][0][pick])
+    for name, images in sets.items():
+        for metric, value in sample_metrics(classifier, images, test_features).items():
+            results[metric if name == "normal" else f"{name}_{metric}"] = value
+    for name in ("normal", "gmm"):
+        key = "fid" if name == "normal" else "gmm_fid"
+        results[f"{key}_over_recon"] = results[key] / results["recon_fid"] if key in results else None
+    if gmm is None:
+        results.update({"gmm_fid": None, "gmm_is": None, "gmm_coverage": None})
     timings["samples"] = time.time() - started
+
+    # The copy check: a prior that reproduces training images shows up as samples closer to
+    # the training set than real test images are. Median distance to the nearest training image.
+    started = time.time()
+    sets["test"] = test_x
+    for name in ("test", "recon", "normal", "gmm"):
+        results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples], splits["train"][0]).median().item()
+                                            if name in sets else None)
+    timings["copy_check"] = time.time() - started
 
     started = time.time()
     train_codes = in_batches(model.encode, data.to_float(splits["train"][0])).float()
@@ -225,12 +264,23 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0):
 
 
 def print_table(results):
+    def number(key, fmt):
+        return "n/a" if results.get(key) is None else fmt.format(results[key])
+
+    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'FID / (a)':>11}{'nearest train':>15}")
+    for label, prefix, ratio in (("(a) test reconstructions", "recon_", None), ("(b) N(0, I) draws", "", "fid_over_recon"),
+                                 ("(c) ex-post prior draws", "gmm_", "gmm_fid_over_recon"), ("real train images", "real_", None)):
+        copy = {"recon_": "recon", "": "normal", "gmm_": "gmm"}.get(prefix)
+        print(f"{label:<34}{number(prefix + 'fid', '{:.2f}'):>9}{number(prefix + 'is', '{:.2f}'):>8}"
+              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(ratio, '{:.1f}x') if ratio else '':>11}"
+              f"{number('nearest_train_' + copy, '{:.3f}') if copy else '':>15}")
+    print(f"{'real test images':<34}{'':>38}{number('nearest_train_test', '{:.3f}'):>15}")
+    if results.get("gmm_fid") is None:
+        print(f"(c) needs a fitted prior: python sample.py --fit_prior --checkpoint={results.get('checkpoint', 'PATH')}")
+    print()
     rows = [
         ("reconstruction", "MSE per pixel", f"{results['mse']:.5f}"),
         ("", "BCE per image (nats)", f"{results['bce']:.2f}"),
-        ("samples (10k)", "FID (real vs real)", f"{results['fid']:.3f}  ({results['real_fid']:.3f})"),
-        ("", "inception score (real)", f"{results['is']:.3f}  ({results['real_is']:.3f})"),
-        ("", "class coverage (real)", f"{results['coverage']:.2f}  ({results['real_coverage']:.2f})"),
         ("latent", "linear probe accuracy", f"{results['probe']:.4f}"),
         ("", "5-NN accuracy", f"{results['knn']:.4f}"),
         ("q(z) vs N(0, I)", "MMD^2", f"{results['mmd_prior']:.2e}"),
@@ -256,7 +306,7 @@ def main(argv):
     splits = data.load(dataset, data_dir, device)
     classifier, accuracy = load_classifier(dataset, data_dir, splits, device)
     results = {"checkpoint": cfg["checkpoint"], "dataset": dataset, "classifier_accuracy": accuracy,
-               **evaluate(model, splits, classifier, cfg["num_samples"], cfg["seed"])}
+               **evaluate(model, splits, classifier, cfg["num_samples"], cfg["seed"], ckpt.get("prior"))}
     print_results(results, cfg["json"], print_table)
 
 

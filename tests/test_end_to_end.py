@@ -46,6 +46,13 @@ def test_evaluate_end_to_end(trained, mnist_dir):
     metrics = json.loads(result.stdout)
     assert metrics["classifier_accuracy"] >= 0.99
     assert 0 < metrics["mse"] < 0.08 and metrics["fid"] > metrics["real_fid"] >= 0
+    # The decomposition: reconstructions are the decoder's ceiling, and the ratios are against them.
+    assert metrics["recon_fid"] < metrics["fid"] and metrics["gmm_fid"] > metrics["real_fid"]
+    assert metrics["fid_over_recon"] == metrics["fid"] / metrics["recon_fid"]
+    assert metrics["gmm_fid_over_recon"] == metrics["gmm_fid"] / metrics["recon_fid"]
+    assert 1 <= metrics["gmm_is"] <= 10 and 0 <= metrics["gmm_coverage"] <= 1
+    for name in ("test", "recon", "normal", "gmm"):
+        assert metrics[f"nearest_train_{name}"] > 0, name
     assert 1 <= metrics["is"] <= 10 and 1 <= metrics["real_is"] <= 10
     assert 0.1 <= metrics["probe"] <= 1 and 0.1 <= metrics["knn"] <= 1
     assert len(metrics["cov_eigenvalues"]) == 4

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from evaluate import class_coverage, frechet_distance, inception_score, knn_accuracy, probe_accuracy
+from evaluate import (class_coverage, frechet_distance, inception_score, knn_accuracy, nearest_train_distance,
+                      probe_accuracy)
 
 
 def sqrtm_trace_reference(a, b, iterations=60):
@@ -56,3 +57,12 @@ def test_probe_and_knn_separate_separable_codes():
     noise = torch.randn(2000, 8, generator=g)
     assert probe_accuracy(noise[:1500], labels[:1500], noise[1500:], labels[1500:]) < 0.3
     assert not math.isnan(knn_accuracy(noise[:1500], labels[:1500], noise[1500:], labels[1500:]))
+
+
+def test_the_copy_check_flags_copies_of_training_images():
+    g = torch.Generator().manual_seed(3)
+    train_images = torch.randint(0, 256, (300, 28, 28), generator=g, dtype=torch.uint8)
+    copies = train_images[:50].unsqueeze(1).float() / 255 + 0.01 * torch.randn(50, 1, 28, 28, generator=g)
+    fresh = torch.rand(50, 1, 28, 28, generator=g)
+    assert nearest_train_distance(train_images[:5].unsqueeze(1).float() / 255, train_images).abs().max() < 1e-3
+    assert nearest_train_distance(copies, train_images).max() < nearest_train_distance(fresh, train_images).min()
