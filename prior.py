@@ -38,8 +38,8 @@ def _outer(codes):
     return codes[:, i] * codes[:, j]
 
 
-def _log_densities(codes, outer, means, scale_tril):
-    """log N(codes | means[k], L_k L_k^T) for every code and component: (N, K).
+def _log_densities(codes, outer, means, scale_tril, log_weights=None):
+    """log N(codes | means[k], L_k L_k^T) (+ log_weights[k]) for every code and component: (N, K).
 
     (x - m)^T P (x - m) = x^T P x - 2 (P m)^T x + m^T P m, with P the precision matrix."""
     d = codes.shape[1]
@@ -49,7 +49,10 @@ def _log_densities(codes, outer, means, scale_tril):
     linear = (precision @ means[:, :, None]).squeeze(2)                 # P_k m_k: (K, D)
     constant = (-0.5 * (linear * means).sum(1) - scale_tril.diagonal(dim1=1, dim2=2).log().sum(1)
                 - 0.5 * d * math.log(2 * math.pi))
-    return constant - 0.5 * (outer @ quadratic.T) + codes @ linear.T
+    if log_weights is not None:
+        constant = constant + log_weights
+    # Two fused multiply-adds over the (N, K) result: this is the E-step's whole cost.
+    return torch.addmm(constant, outer, quadratic.T, alpha=-0.5).addmm_(codes, linear.T)
 
 
 def _kmeans_plus_plus(codes, components, generator):
@@ -118,12 +121,13 @@ def fit_gmm(codes, components, seed=0, max_iters=300, tol=1e-4, cov_floor=COV_FL
     history = []
     for iteration in range(1, max_iters + 1):
         weights, means, scale_tril = _maximize(x, outer, resp, cov_floor)
-        joint = _log_densities(x, outer, means, scale_tril) + weights.log()
-        log_norm = torch.logsumexp(joint, dim=1)
-        history.append(log_norm.mean().item())
+        resp = _log_densities(x, outer, means, scale_tril, weights.log())  # log p(x, k), turned in place into p(k | x)
+        peak = resp.max(1, keepdim=True).values
+        total = resp.sub_(peak).exp_().sum(1, keepdim=True)
+        resp.div_(total)
+        history.append((total.log() + peak).mean().item())
         if not math.isfinite(history[-1]):
             raise ValueError("the log-likelihood became non-finite")
-        resp = (joint - log_norm[:, None]).exp()
         if len(history) > 1 and history[-1] - history[-2] < tol:
             break
     return {"weights": weights.float(), "means": means.float(), "scale_tril": scale_tril.float(),
@@ -141,7 +145,7 @@ def sample_gmm(prior, num, generator):
 def log_likelihood(prior, codes):
     """Mean log-density of codes (N, D) under a fitted mixture."""
     x = codes.double()
-    joint = _log_densities(x, _outer(x), prior["means"].to(x), prior["scale_tril"].to(x)) + prior["weights"].to(x).log()
+    joint = _log_densities(x, _outer(x), prior["means"].to(x), prior["scale_tril"].to(x), prior["weights"].to(x).log())
     return torch.logsumexp(joint, dim=1).mean().item()
 
 
