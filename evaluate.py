@@ -224,7 +224,7 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     sets = {"recon": x_hat[:num_samples]}
     z = torch.randn(num_samples, model.latent_dim, generator=generator).to(device)
     sets["normal"] = in_batches(model.decode, z)
-    if gmm is not None:  # its own generator: the same draws as `python sample.py --prior=gmm --seed=SEED`
+    if gmm is not None:  # its own generator, seeded as `python sample.py --prior=gmm --seed=SEED` seeds it
         z = prior.sample_gmm(gmm, num_samples, torch.Generator().manual_seed(seed)).to(device)
         sets["gmm"] = in_batches(model.decode, z)
     pick = torch.randperm(len(splits["train"][0]), generator=generator)[:num_samples].to(device)

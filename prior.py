@@ -13,8 +13,9 @@ Variational to Deterministic Autoencoders", ICLR 2020).
 
 The fit is plain EM in torch, in float64. Memory is O(N*K) for N codes and K
 components (plus the codes' D(D+1)/2 distinct products, once): every quadratic form
-is a matmul with the K precision matrices, never an N x K x D x D tensor. A floor under each covariance's
-eigenvalues keeps every component invertible, even one that EM leaves with few codes.
+is a matmul with the K precision matrices, never an N x K x D x D tensor. A floor
+under each covariance's eigenvalues keeps every component invertible, even one that
+EM leaves with few codes.
 The result is a dict of plain tensors, so a checkpoint that holds it still loads
 with torch.load(weights_only=True).
 """
@@ -101,7 +102,7 @@ def fit_gmm(codes, components, seed=0, max_iters=300, tol=1e-4, cov_floor=COV_FL
     Starts from k-means++ means (seeded) with hard assignments to the nearest mean, and
     stops when the mean log-likelihood per code gains less than `tol` in an iteration.
     Returns {"weights" (K,), "means" (K, D), "scale_tril" (K, D, D), "log_likelihood"
-    (mean per code at the end), "history" (the mean log-likelihood before each M-step),
+    (mean per code at the end), "history" (the mean log-likelihood after each M-step),
     "iterations"}; the tensors are float32 on the codes' device.
     Raises ValueError for non-finite codes, a bad component count, or a failed fit.
     """
@@ -134,18 +135,18 @@ def fit_gmm(codes, components, seed=0, max_iters=300, tol=1e-4, cov_floor=COV_FL
             "log_likelihood": history[-1], "history": history, "iterations": iteration}
 
 
-def sample_gmm(prior, num, generator):
+def sample_gmm(gmm, num, generator):
     """num draws (num, D) from a fitted mixture; the same generator seed gives the same draws."""
-    weights, means, scale_tril = (prior[k].float().cpu() for k in ("weights", "means", "scale_tril"))
+    weights, means, scale_tril = (gmm[k].float().cpu() for k in ("weights", "means", "scale_tril"))
     component = torch.multinomial(weights, num, replacement=True, generator=generator)
     noise = torch.randn(num, means.shape[1], generator=generator)
     return means[component] + (scale_tril[component] @ noise[:, :, None]).squeeze(2)
 
 
-def log_likelihood(prior, codes):
+def log_likelihood(gmm, codes):
     """Mean log-density of codes (N, D) under a fitted mixture."""
     x = codes.double()
-    joint = _log_densities(x, _outer(x), prior["means"].to(x), prior["scale_tril"].to(x), prior["weights"].to(x).log())
+    joint = _log_densities(x, _outer(x), gmm["means"].to(x), gmm["scale_tril"].to(x), gmm["weights"].to(x).log())
     return torch.logsumexp(joint, dim=1).mean().item()
 
 
