@@ -41,7 +41,7 @@ kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the 
 kernel_scales = "0.2,1,5"    # comma-separated bandwidth multipliers of 2*latent_dim; several see several length scales
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
 # ex-post prior (prior.py)
-prior_components = 40        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
+prior_components = 60        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
 # optimizer
 epochs = 30                  # passes over the 60,000 training images (~12 s each on 2 CPU cores with bf16)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
