@@ -18,7 +18,8 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
   coverage   share of the 10 classes that get at least 5% of the samples
   nearest train  the copy check: median pixel distance from 2,000 images of each set to
              their nearest training image. Samples that copy the training set sit closer
-             than real test images do
+             than real test images, and closer than (a): decoded images are smooth, so
+             reconstructions of unseen digits are the like-for-like reference
   probe      linear (logistic regression) accuracy on encoder means, fit on train, scored on test
   knn        5-nearest-neighbour accuracy of test codes among train codes
   q(z) vs p(z)  MMD^2 of test codes against N(0, I) draws (Gaussian kernel, bandwidth 2D),
