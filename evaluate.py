@@ -196,9 +196,9 @@ def prior_match(codes, generator, num=5000):
 
 
 @torch.no_grad()
-def nearest_train_distance(images, train_images, batch_size=500):
-    """Pixel-space L2 distance from each image (N, 1, 28, 28) to its nearest training image."""
-    train_flat = data.to_float(train_images).flatten(1)
+def nearest_train_distance(images, train_flat, batch_size=500):
+    """Pixel-space L2 distance from each image (N, 1, 28, 28) to its nearest row of train_flat,
+    the training images as floats in [0, 1], flattened to (M, 784) once by the caller."""
     return torch.cat([squared_distances(images[i:i + batch_size].flatten(1), train_flat).min(1).values.sqrt()
                       for i in range(0, len(images), batch_size)])
 
@@ -233,19 +233,19 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     for name, images in sets.items():
         for metric, value in sample_metrics(classifier, images, test_features).items():
             results[metric if name == "normal" else f"{name}_{metric}"] = value
-    for name in ("normal", "gmm"):
-        key = "fid" if name == "normal" else "gmm_fid"
-        results[f"{key}_over_recon"] = results[key] / results["recon_fid"] if key in results else None
+    results["fid_over_recon"] = results["fid"] / results["recon_fid"]
     if gmm is None:
         results.update({"gmm_fid": None, "gmm_is": None, "gmm_coverage": None})
+    results["gmm_fid_over_recon"] = None if gmm is None else results["gmm_fid"] / results["recon_fid"]
     timings["samples"] = time.time() - started
 
     # The copy check: a prior that reproduces training images shows up as samples closer to
     # the training set than real test images are. Median distance to the nearest training image.
     started = time.time()
     sets["test"] = test_x
+    train_flat = data.to_float(splits["train"][0]).flatten(1)
     for name in ("test", "recon", "normal", "gmm"):
-        results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples], splits["train"][0]).median().item()
+        results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples], train_flat).median().item()
                                             if name in sets else None)
     timings["copy_check"] = time.time() - started
 

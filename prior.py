@@ -15,9 +15,8 @@ The fit is plain EM in torch, in float64. Memory is O(N*K) for N codes and K
 components (plus the codes' D(D+1)/2 distinct products, once): every quadratic form
 is a matmul with the K precision matrices, never an N x K x D x D tensor. A floor
 under each covariance's eigenvalues keeps every component invertible, even one that
-EM leaves with few codes.
-The result is a dict of plain tensors, so a checkpoint that holds it still loads
-with torch.load(weights_only=True).
+EM leaves with few codes. The result is a dict of plain tensors, so a checkpoint that
+holds it still loads with torch.load(weights_only=True).
 """
 import math
 import time

@@ -31,7 +31,8 @@ def main(argv):
     test_features = evaluate.in_batches(classifier.features, test_x)
     train_codes = prior.encode_all(model, splits["train"][0])
     test_codes = prior.encode_all(model, splits["test"][0])
-    copy_test = evaluate.nearest_train_distance(test_x[:2000], splits["train"][0]).median().item()
+    train_flat = data.to_float(splits["train"][0]).flatten(1)
+    copy_test = evaluate.nearest_train_distance(test_x[:2000], train_flat).median().item()
     print(f"{cfg['checkpoint']}: real test images' median distance to the nearest training image {copy_test:.3f}")
     print("| components | fit s | EM iterations | train LL | test LL | FID | IS | coverage | nearest train |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -43,7 +44,7 @@ def main(argv):
             z = prior.sample_gmm(gmm, cfg["num_samples"], torch.Generator().manual_seed(0))
             images = evaluate.in_batches(model.decode, z)
         m = evaluate.sample_metrics(classifier, images, test_features)
-        copy = evaluate.nearest_train_distance(images[:2000], splits["train"][0]).median().item()
+        copy = evaluate.nearest_train_distance(images[:2000], train_flat).median().item()
         print(f"| {k} | {seconds:.1f} | {gmm['iterations']} | {gmm['log_likelihood']:.3f} | "
               f"{prior.log_likelihood(gmm, test_codes):.3f} | {m['fid']:.2f} | {m['is']:.2f} | {m['coverage']:.1f} | "
               f"{copy:.3f} |", flush=True)
