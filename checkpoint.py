@@ -63,21 +63,24 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), checkpoint
 
 
-def rng_states():
-    """Every random number generator a training run draws from, in a weights_only-safe form."""
+def rng_states(device=torch.device("cpu")):
+    """Every random number generator a training run on `device` draws from, in a weights_only-safe form.
+
+    On CUDA that is the generator of the run's own GPU (under torchrun, each rank's), stored
+    first, so that any rank of a resumed run (on any GPU) continues from it."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": random.getstate(),
     }
 
 
-def set_rng_states(states):
+def set_rng_states(states, device=torch.device("cpu")):
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"][0], device)
     keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = states["python"]

@@ -17,7 +17,13 @@ import torch
 
 
 class UserError(Exception):
-    """Bad input the user can fix; the message names the problem and the fix."""
+    """Bad input the user can fix; the message names the problem and the fix.
+
+    every_rank: under torchrun, an error only this rank meets (otherwise rank 0 speaks for all)."""
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def parse_overrides(defaults, argv, script):
@@ -77,11 +83,14 @@ def require(condition, message):
 
 
 def run(main):
-    """Run main(argv); a UserError becomes a one-line message and exit status 2."""
+    """Run main(argv); a UserError becomes a one-line message and exit status 2.
+
+    Under torchrun every rank meets the same error, and only rank 0 prints it."""
     try:
         main(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if e.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

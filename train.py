@@ -4,6 +4,7 @@
     python train.py --latent_dim=16 --epochs=30      # any default, overridden
     python train.py --resume=True                    # continue out/ckpt.pt
     python train.py --kl_weight=1 --mmd_weight=0 --stochastic_encoder=True   # ELBO-VAE baseline
+    torchrun --standalone --nproc_per_node=4 train.py                        # 4 GPUs (or CPU processes)
 
 Loss per image (Zhao, Song & Ermon, "InfoVAE", arXiv:1706.02262):
     reconstruction  -log p(x|z), summed over the 784 pixels
@@ -15,6 +16,11 @@ Each epoch writes {out_dir}/ckpt.pt, a row of {out_dir}/log.csv and a grid of
 samples {out_dir}/samples_epoch{N}.png. The run ends by fitting the ex-post prior
 (a Gaussian mixture over the train codes, prior.py) into the checkpoint, and
 writing {out_dir}/losses.png.
+
+Under torchrun, each of the N processes (ranks) takes its slice of every global batch,
+the MMD compares the codes of the whole batch (gathered from all ranks) with the same
+prior draws, and DDP averages the gradients: the run computes what one process would.
+Only rank 0 writes files and prints.
 """
 # -----------------------------------------------------------------------------
 # Every hyperparameter, with its default. Override any of them as --name=value.
@@ -27,7 +33,7 @@ ckpt_interval = 0            # also checkpoint every this many steps (0 = only a
 log_interval = 25            # steps between progress-bar updates (each one waits for the device)
 # data
 dataset = "mnist"            # mnist or fashion (Fashion-MNIST)
-batch_size = 100             # images per step; also the number of prior draws the MMD compares against
+batch_size = 100             # images per step (over all ranks under torchrun); also the number of prior draws the MMD compares against
 # model
 latent_dim = 16              # size of z; 2 to plot the latent space; 16 gave the best FID (README)
 channels = 32                # conv widths are channels and 2*channels (the authors' tutorial: 64)
@@ -61,13 +67,17 @@ RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 import csv
+import functools
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -107,8 +117,10 @@ def validate(cfg):
     parse_scales(cfg["kernel_scales"])
 
 
-def compute_loss(model, x, cfg):
-    """(total loss, {"recon", "mmd", "kl"}) for a batch x in [0, 1]; every term is per image."""
+def compute_loss(model, x, cfg, gather=None):
+    """(total loss, {"recon", "mmd", "kl"}) for a batch x in [0, 1]; every term is per image.
+
+    gather: under torchrun, gather_codes, so that the MMD is over the codes of the whole global batch."""
     logits, z, mu, logvar = model(x)
     n = x.shape[0]
     if cfg["recon_loss"] == "bce":
@@ -118,7 +130,7 @@ def compute_loss(model, x, cfg):
     zero = recon.new_zeros(())
     # MMD between the batch's codes and as many draws from the prior (InfoVAE, eq. 8), in float32:
     # bf16 distances are too coarse for a statistic that is ~1e-3 when the fit is good.
-    z = z.float()
+    z = z.float() if gather is None else gather(z.float())
     with torch.autocast(z.device.type, enabled=False):
         mmd_term = mmd(z, torch.randn_like(z), cfg["kernel"], parse_scales(cfg["kernel_scales"]),
                        estimator=cfg["mmd_estimator"]) if cfg["mmd_weight"] > 0 else zero
@@ -126,6 +138,21 @@ def compute_loss(model, x, cfg):
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n if cfg["kl_weight"] > 0 else zero
     loss = recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl
     return loss, {"recon": recon, "mmd": mmd_term, "kl": kl}
+
+
+# PyTorch 2.14 marks this gather deprecated in favour of a private module; the public one is documented
+# across PyTorch 2.x (the GPU machines run 2.11) and computes the same thing.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+
+
+def gather_codes(z):
+    """Every rank's codes, concatenated in rank order: the global batch's codes, as one process has them.
+
+    The MMD is not a mean over images: MMD^2 of the whole batch is not the mean of per-rank
+    MMD^2s of its slices (those are a different, noisier estimator: fewer pairs, and a kernel
+    mean over n/N codes). The gather carries gradients: each rank gets back the sum over ranks of
+    d(MMD)/d(its codes), which DDP's averaging turns into exactly the one-process gradient."""
+    return torch.cat(dist_fn.all_gather(z))
 
 
 @torch.no_grad()
@@ -151,7 +178,7 @@ def lr_at(step, total_steps, cfg):
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def resume_config(saved, cfg, given):
+def resume_config(saved, cfg, given, verbose=True):
     """The checkpoint's config, with only the safe command-line changes applied."""
     merged = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
     for name in sorted(given):
@@ -160,7 +187,8 @@ def resume_config(saved, cfg, given):
         require(name in SAFE_ON_RESUME,
                 f"--{name}={cfg[name]} differs from the checkpoint's {name}={merged[name]!r}; a resumed run keeps "
                 f"its model and loss: drop --{name}, or start a new run with another --out_dir")
-        print(f"resume: {name} changed from {merged[name]!r} to {cfg[name]!r}")
+        if verbose:
+            print(f"resume: {name} changed from {merged[name]!r} to {cfg[name]!r}")
         merged[name] = cfg[name]
     return merged
 
@@ -320,7 +348,7 @@ def speed_settings(device):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM: remembered here, acted on after the current step."""
+    """Ctrl-C or SIGTERM: remembered here, acted on at the next log step or epoch end (by all ranks at once)."""
 
     def __init__(self):
         self.signum = None
@@ -331,24 +359,62 @@ class StopRequest:
         self.signum = signum
 
 
+def distributed_setup(cfg):
+    """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is rank 0 of 1."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # Checked before any rank waits for another, so every rank exits at once with the same line.
+    require(cfg["batch_size"] % world_size == 0,
+            f"--batch_size={cfg['batch_size']} does not divide into {world_size} ranks; batch_size is the global "
+            f"batch: make it a multiple of {world_size}, or change --nproc_per_node")
+    device = pick_device(cfg["device"])
+    if world_size > 1:
+        require(device.type in ("cpu", "cuda"), f"torchrun needs --device=cpu or cuda, not {device.type}")
+        if device.type == "cuda":  # one GPU per rank
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    return rank, world_size, device
+
+
 def main(argv):
     cfg, given = parse_overrides(DEFAULTS, argv, "train.py")
     validate(cfg)
+    master = os.environ.get("RANK", "0") == "0"  # the one rank (process) that writes files and prints
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     saved = None
     if cfg["resume"]:
         saved = checkpoint.load(ckpt_path)
-        cfg = resume_config(saved["config"], cfg, given)
+        cfg = resume_config(saved["config"], cfg, given, verbose=master)
         validate(cfg)
     else:
         require(cfg["overwrite"] or not os.path.exists(ckpt_path),
                 f"{ckpt_path} already exists: continue it with --resume=True, start a new run with another "
                 f"--out_dir, or replace it with --overwrite=True")
-    device = pick_device(cfg["device"])
+    rank, world_size, device = distributed_setup(cfg)
     speed_settings(device)
-    check_writable(cfg["out_dir"])
-    remove_stale_temporaries(cfg["out_dir"])
-    torch.manual_seed(cfg["seed"])
+    if master:  # before the other ranks are waited for: they join once the data is in place
+        check_writable(cfg["out_dir"])
+        remove_stale_temporaries(cfg["out_dir"])
+        data.ensure_files(cfg["dataset"], cfg["data_dir"])
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        train(cfg, saved, rank, world_size, device)
+    except RuntimeError as e:
+        # A collective that fails means another rank died (torchrun is stopping this one too).
+        if world_size == 1 or not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+            raise
+        reason = str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:100]  # past gloo's "[file:line] "
+        raise UserError(f"rank {rank}: another rank stopped ({reason}); {ckpt_path} holds the "
+                        f"last checkpoint: continue with --resume=True", every_rank=True) from None
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train(cfg, saved, rank, world_size, device):
+    master = rank == 0
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    torch.manual_seed(cfg["seed"])  # the same on every rank: the same initial weights and prior draws
 
     splits = data.load(cfg["dataset"], cfg["data_dir"], device)
     train_images, test_images = splits["train"][0], splits["test"][0]
@@ -359,6 +425,8 @@ def main(argv):
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
+    rank_batch = cfg["batch_size"] // world_size
+    my_slice = slice(rank * rank_batch, (rank + 1) * rank_batch)  # this rank's part of every global batch
 
     model = make_model(cfg, device)
     optimizer = make_optimizer(model, cfg, device)
@@ -371,30 +439,56 @@ def main(argv):
         optimizer.load_state_dict(saved["optimizer"])
         step, epoch, epoch_step = saved["step"], saved["epoch"], saved["epoch_step"]
         running = saved["running"].to(device)
-        checkpoint.set_rng_states(saved["rng"])
+        checkpoint.set_rng_states(saved["rng"], device)
         # Rows after the checkpoint belong to work that is about to be redone.
         log_rows = [r for r in read_log(log_path) if int(r["step"]) <= step]
-        print(f"resumed from {ckpt_path} at epoch {epoch + 1}, step {step}")
+        if master:
+            was = saved.get("world_size", 1)
+            print(f"resumed from {ckpt_path} at epoch {epoch + 1}, step {step}"
+                  + (f" (saved by {was} ranks, now {world_size})" if was != world_size else ""))
     num_params = sum(p.numel() for p in model.parameters())
-    mode = precision_name(device, cfg["precision"]) + (
-        ", CUDA graph" if cfg["cuda_graph"] and device.type == "cuda" else "")
-    print(f"training on {device} ({mode}): {num_params / 1e6:.2f}M parameters, {total_steps} steps "
-          f"({steps_per_epoch} per epoch), output in {cfg['out_dir']}/")
+    use_graph = cfg["cuda_graph"] and device.type == "cuda"
+    if use_graph and world_size > 1:
+        # DDP's gradient all-reduce and the code gather would have to be captured inside the graph,
+        # which needs NCCL settings this repo has not measured on a GPU; eager steps are correct.
+        use_graph = False
+        if master:
+            print("CUDA graphs are off under torchrun: the step's collectives are not captured; training eagerly")
+    mode = precision_name(device, cfg["precision"]) + (", CUDA graph" if use_graph else "")
+    if master:
+        ranks = f", {world_size} ranks of {rank_batch} images" if world_size > 1 else ""
+        print(f"training on {device} ({mode}{ranks}): {num_params / 1e6:.2f}M parameters, {total_steps} steps "
+              f"({steps_per_epoch} per epoch), output in {cfg['out_dir']}/")
 
-    train_step = make_train_step(model, optimizer, cfg, device)
+    # DDP averages the gradients over ranks; `model` stays the plain module for evaluation and checkpoints.
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    loss_fn = functools.partial(compute_loss, gather=gather_codes) if world_size > 1 else compute_loss
+    train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn)
     fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     stop = StopRequest()
     started = time.time()
 
+    def mean_over_ranks(values):
+        """`values` (loss sums, and a stop flag) averaged over ranks: one all-reduce, so every rank acts alike."""
+        if world_size == 1:
+            return values
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / world_size
+
     def save_checkpoint(**extra):
+        # Every rank calls this at the same step (the running sums are averaged over ranks); rank 0 writes.
+        summed = mean_over_ranks(running)
         # A step can turn the weights to NaN even when its own loss was finite: never save those.
         if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
             check_finite(float("nan"))
-        checkpoint.save(ckpt_path, {
-            "model": model.state_dict(), "model_args": model.model_args, "config": cfg,
-            "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
-            "running": running, "rng": checkpoint.rng_states(), **extra,
-        })
+        if master:
+            checkpoint.save(ckpt_path, {
+                "model": model.state_dict(), "model_args": model.model_args, "config": cfg,
+                "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
+                "running": summed, "rng": checkpoint.rng_states(device), "world_size": world_size, **extra,
+            })
 
     def check_finite(loss):
         if not math.isfinite(loss):
@@ -402,18 +496,25 @@ def main(argv):
                             f"{ckpt_path} (if any) holds the last good checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
                             f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']})")
 
-    def stop_if_asked():
-        if stop.signum is not None:
+    def sync(losses):
+        """[loss, recon, mmd, kl] averaged over ranks; stops every rank if any was asked to stop or diverged."""
+        asked = losses.new_tensor([float(stop.signum is not None)])
+        *means, asked = mean_over_ranks(torch.cat([losses, asked])).tolist()
+        check_finite(means[0])
+        if asked:
+            signum = stop.signum or signal.SIGTERM  # torchrun forwards a signal to every rank; one is enough
             save_checkpoint()
-            print(f"\n{signal.Signals(stop.signum).name}: stopped at step {step}; checkpoint saved to {ckpt_path}. "
-                  f"Continue with: python train.py --out_dir={cfg['out_dir']} --resume=True", file=sys.stderr)
-            sys.exit(128 + stop.signum)
+            if master:
+                print(f"\n{signal.Signals(signum).name}: stopped at step {step}; checkpoint saved to {ckpt_path}. "
+                      f"Continue with: python train.py --out_dir={cfg['out_dir']} --resume=True", file=sys.stderr)
+            sys.exit(128 + signum)
+        return means
 
     while step < total_steps:
-        batches = data.batch_order(len(train_images), cfg["batch_size"], cfg["seed"], epoch).to(device)
+        batches = data.batch_order(len(train_images), cfg["batch_size"], cfg["seed"], epoch)[:, my_slice].to(device)
         last = min(steps_per_epoch, epoch_step + total_steps - step)
         with tqdm(desc=f"epoch {epoch + 1}/{cfg['epochs']}", initial=epoch_step, total=steps_per_epoch,
-                  leave=False, dynamic_ncols=True, mininterval=1.0) as bar:
+                  leave=False, dynamic_ncols=True, mininterval=1.0, disable=not master) as bar:
             while epoch_step < last:
                 x = data.to_float(train_images[batches[epoch_step]])
                 losses = train_step(x, lr_at(step, total_steps, cfg))  # [loss, recon, mmd, kl]
@@ -422,44 +523,43 @@ def main(argv):
                 step, epoch_step = step + 1, epoch_step + 1
                 bar.update(1)
                 if step % cfg["log_interval"] == 0:
-                    loss, recon, mmd_term, kl = losses.tolist()
-                    check_finite(loss)
+                    loss, recon, mmd_term, kl = sync(losses)
                     bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", mmd=f"{mmd_term:.2e}", kl=f"{kl:.2f}",
                                     refresh=False)
                 if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
-                    check_finite(losses[0].item())
                     save_checkpoint()
-                stop_if_asked()
-        check_finite(running[0].item())
 
-        means = (running / epoch_step).tolist()
+        means = sync(running / epoch_step)
+        # Every rank evaluates (the test MMD's prior draws keep all ranks' random streams in step).
         test = test_metrics(model, test_images, cfg)
         seconds = time.time() - started
         log_rows.append({"epoch": f"{epoch + epoch_step / steps_per_epoch:.4g}", "step": step, "seconds": f"{seconds:.1f}",
                          **{f"train_{k}": f"{v:.6g}" for k, v in zip(("loss", "recon", "mmd", "kl"), means)},
                          **{f"test_{k}": f"{v:.6g}" for k, v in test.items()}})
-        write_log(log_path, log_rows)
-        print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}) "
-              f"| test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
-        with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
-            save_image(model.eval().decode(fixed_noise), tmp, nrow=8)
-        model.train()
+        if master:
+            write_log(log_path, log_rows)
+            print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}) "
+                  f"| test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
+            with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
+                save_image(model.eval().decode(fixed_noise), tmp, nrow=8)
+            model.train()
         if epoch_step == steps_per_epoch:  # a whole epoch (a max_steps cap can end one early)
             epoch, epoch_step = epoch + 1, 0
             running.zero_()
         save_checkpoint()
-        stop_if_asked()
 
     if cfg["prior_components"]:
-        # The ex-post prior belongs to the final weights: fitted once, after the last step.
-        fitted = prior.fit(model, train_images, cfg["prior_components"], cfg["seed"])
+        # The ex-post prior belongs to the final weights: fitted once, after the last step, by rank 0.
+        fitted = prior.fit(model, train_images, cfg["prior_components"], cfg["seed"]) if master else None
         save_checkpoint(prior=fitted)
-        print(f"ex-post prior: {cfg['prior_components']} Gaussians fitted to the train codes in {fitted['seconds']:.1f}s "
-              f"({fitted['iterations']} EM iterations)")
-    if log_rows:
-        plot_losses(log_rows, os.path.join(cfg["out_dir"], "losses.png"))
-    print(f"done in {time.time() - started:.0f}s: {ckpt_path}; draw samples with "
-          f"`python sample.py --out_dir={cfg['out_dir']}` (add --prior=gmm for the ex-post prior)")
+        if master:
+            print(f"ex-post prior: {cfg['prior_components']} Gaussians fitted to the train codes in {fitted['seconds']:.1f}s "
+                  f"({fitted['iterations']} EM iterations)")
+    if master:
+        if log_rows:
+            plot_losses(log_rows, os.path.join(cfg["out_dir"], "losses.png"))
+        print(f"done in {time.time() - started:.0f}s: {ckpt_path}; draw samples with "
+              f"`python sample.py --out_dir={cfg['out_dir']}` (add --prior=gmm for the ex-post prior)")
 
 
 if __name__ == "__main__":
