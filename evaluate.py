@@ -146,9 +146,8 @@ def class_coverage(probs, threshold=0.05):
     return (counts / len(probs) >= threshold).double().mean().item()
 
 
-def sample_metrics(classifier, images, test_features):
-    """FID against the test features, IS and coverage for float images (N, 1, 28, 28)."""
-    features = in_batches(classifier.features, images)
+def sample_metrics(classifier, features, test_features):
+    """FID against the test features, IS and coverage, from the classifier features of a set of images."""
     probs = F.softmax(classifier.head(features), dim=1)
     return {"fid": frechet_distance(features, test_features), "is": inception_score(probs),
             "coverage": class_coverage(probs)}
@@ -222,16 +221,17 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     # the gap is the prior's, not the decoder's.
     started = time.time()
     test_features = in_batches(classifier.features, test_x)
-    sets = {"recon": x_hat[:num_samples]}
-    z = torch.randn(num_samples, model.latent_dim, generator=generator).to(device)
-    sets["normal"] = in_batches(model.decode, z)
+    draws = {"normal": torch.randn(num_samples, model.latent_dim, generator=generator)}
     if gmm is not None:  # its own generator, seeded as `python sample.py --prior=gmm --seed=SEED` seeds it
-        z = prior.sample_gmm(gmm, num_samples, torch.Generator().manual_seed(seed)).to(device)
-        sets["gmm"] = in_batches(model.decode, z)
+        draws["gmm"] = prior.sample_gmm(gmm, num_samples, torch.Generator().manual_seed(seed))
     pick = torch.randperm(len(splits["train"][0]), generator=generator)[:num_samples].to(device)
-    sets["real"] = data.to_float(splits["train"][0][pick])
-    for name, images in sets.items():
-        for metric, value in sample_metrics(classifier, images, test_features).items():
+    # Decoded a batch at a time and kept only as classifier features (128 numbers an image, not 784),
+    # so that memory stays small for any --num_samples.
+    features = {"recon": in_batches(classifier.features, x_hat[:num_samples]),
+                **{name: in_batches(lambda z: classifier.features(model.decode(z.to(device))), z) for name, z in draws.items()},
+                "real": in_batches(lambda x: classifier.features(data.to_float(x)), splits["train"][0][pick])}
+    for name, set_features in features.items():
+        for metric, value in sample_metrics(classifier, set_features, test_features).items():
             results[metric if name == "normal" else f"{name}_{metric}"] = value
     results["fid_over_recon"] = results["fid"] / results["recon_fid"]
     if gmm is None:
@@ -242,7 +242,7 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     # The copy check: a prior that reproduces training images shows up as samples closer to
     # the training set than real test images are. Median distance to the nearest training image.
     started = time.time()
-    sets["test"] = test_x
+    sets = {"test": test_x, "recon": x_hat, **{name: model.decode(z[:copy_samples].to(device)) for name, z in draws.items()}}
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     for name in ("test", "recon", "normal", "gmm"):
         results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples], train_flat).median().item()

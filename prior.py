@@ -138,8 +138,11 @@ def sample_gmm(gmm, num, generator):
     """num draws (num, D) from a fitted mixture; the same generator seed gives the same draws."""
     weights, means, scale_tril = (gmm[k].float().cpu() for k in ("weights", "means", "scale_tril"))
     component = torch.multinomial(weights, num, replacement=True, generator=generator)
-    noise = torch.randn(num, means.shape[1], generator=generator)
-    return means[component] + (scale_tril[component] @ noise[:, :, None]).squeeze(2)
+    z = torch.randn(num, means.shape[1], generator=generator)
+    for k in component.unique().tolist():  # one component at a time: O(num * D) memory, never num x D x D
+        rows = component == k
+        z[rows] = means[k] + z[rows] @ scale_tril[k].T
+    return z
 
 
 def log_likelihood(gmm, codes):

@@ -39,12 +39,23 @@ DEFAULTS = dict(
 )
 MODES = ("sample", "traverse", "interpolate", "reconstruct")
 PRIORS = ("normal", "gmm")
+DECODE_CHUNK = 10_000     # images decoded at once, so that memory is the output tensor plus one chunk, for any --num
+MAX_GRID_TILES = 10_000   # more digits than this in one PNG is unreadable (and gigabytes); --tensor keeps them all
+
+
+def decode(model, z):
+    """model.decode(z) as float32 on the CPU, decoded DECODE_CHUNK codes at a time."""
+    device = next(model.parameters()).device
+    images = torch.empty(len(z), 1, 28, 28)
+    for start in range(0, len(z), DECODE_CHUNK):
+        images[start:start + DECODE_CHUNK] = model.decode(z[start:start + DECODE_CHUNK].to(device)).float().cpu()
+    return images
 
 
 def sample(model, num, generator, gmm=None):
     """Decode num draws of z ~ N(0, I), or of the ex-post prior `gmm` when given."""
     z = torch.randn(num, model.latent_dim, generator=generator) if gmm is None else prior.sample_gmm(gmm, num, generator)
-    return model.decode(z.to(next(model.parameters()).device))
+    return decode(model, z)
 
 
 def fit_prior(model, ckpt, path, components, device):
@@ -62,7 +73,7 @@ def traverse(model, nrow, axes):
     z = torch.zeros(nrow, nrow, model.latent_dim)
     z[:, :, axes[0]] = values[:, None]
     z[:, :, axes[1]] = values[None, :]
-    return model.decode(z.view(-1, model.latent_dim).to(next(model.parameters()).device))
+    return decode(model, z.view(-1, model.latent_dim))
 
 
 def test_digits(ckpt_config, count, generator, device):
@@ -94,7 +105,7 @@ def main(argv):
             f"--prior={cfg['prior']} applies to --mode=sample, the only mode that draws from the prior")
     device = pick_device(cfg["device"])
     path = cfg["checkpoint"] or os.path.join(cfg["out_dir"], "ckpt.pt")
-    model, ckpt = checkpoint.load_model(path, device)
+    model, ckpt = checkpoint.load_model(path, device, check_prior=not cfg["fit_prior"])
     if cfg["fit_prior"]:
         fit_prior(model, ckpt, path, cfg["prior_components"], device)
     require(cfg["prior"] == "normal" or "prior" in ckpt,
@@ -121,10 +132,12 @@ def main(argv):
             images = reconstruct(model, test_digits(ckpt["config"], max(1, rows // 2) * nrow, generator, device), nrow)
     images = images.float().cpu()
 
+    shown = images[:MAX_GRID_TILES]
     with atomic_write(cfg["out"]) as tmp:
-        save_image(images, tmp, nrow=nrow, padding=2, pad_value=0.5)
+        save_image(shown, tmp, nrow=nrow, padding=2, pad_value=0.5)
     source = f", from the {cfg['prior']} prior" if cfg["mode"] == "sample" else ""
-    print(f"wrote {cfg['out']} ({len(images)} images, {cfg['mode']}{source}) from {path}")
+    capped = f"; the grid shows the first {len(shown)} of {len(images)}" if len(shown) < len(images) else ""
+    print(f"wrote {cfg['out']} ({len(images)} images, {cfg['mode']}{source}{capped}) from {path}")
     if cfg["tensor"]:
         with atomic_write(cfg["tensor"]) as tmp:
             torch.save(images, tmp)

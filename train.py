@@ -95,7 +95,7 @@ def parse_scales(text):
         scales = [float(s) for s in text.split(",")]
     except ValueError:
         scales = []
-    require(scales and all(s > 0 for s in scales),
+    require(scales and all(0 < s < math.inf for s in scales),  # inf would make every kernel value 1 and the MMD 0
             f"--kernel_scales={text} must be positive numbers separated by commas, e.g. --kernel_scales=0.5,1,2")
     return scales
 
@@ -180,6 +180,10 @@ def lr_at(step, total_steps, cfg):
 
 def resume_config(saved, cfg, given, verbose=True):
     """The checkpoint's config, with only the safe command-line changes applied."""
+    for k, v in saved.items():
+        require(k not in DEFAULTS or type(v) is type(DEFAULTS[k]),
+                f"the checkpoint's config has {k}={v!r}, not a {type(DEFAULTS[k]).__name__}: it is damaged; "
+                f"start afresh with --overwrite=True, or restore it from a backup")
     merged = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
     for name in sorted(given):
         if cfg[name] == merged[name]:
@@ -435,11 +439,17 @@ def train(cfg, saved, rank, world_size, device):
     log_path = os.path.join(cfg["out_dir"], "log.csv")
     log_rows = []
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step, epoch, epoch_step = saved["step"], saved["epoch"], saved["epoch_step"]
-        running = saved["running"].to(device)
-        checkpoint.set_rng_states(saved["rng"], device)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            step, epoch, epoch_step = (int(saved[k]) for k in ("step", "epoch", "epoch_step"))
+            running = saved["running"].to(device).reshape(4)
+            checkpoint.set_rng_states(saved["rng"], device)
+            require(0 <= epoch_step <= steps_per_epoch and step >= 0 and running.isfinite().all(), "counters out of range")
+        except Exception as e:  # a checkpoint from elsewhere, or damaged: the weights load but the rest does not
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            raise UserError(f"cannot resume from {ckpt_path}: its training state is damaged ({reason}); start "
+                            f"afresh with --overwrite=True, or restore it from a backup") from None
         # Rows after the checkpoint belong to work that is about to be redone.
         log_rows = [r for r in read_log(log_path) if int(r["step"]) <= step]
         if master:

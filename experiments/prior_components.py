@@ -43,7 +43,7 @@ def main(argv):
         with torch.no_grad():
             z = prior.sample_gmm(gmm, cfg["num_samples"], torch.Generator().manual_seed(0))
             images = evaluate.in_batches(model.decode, z)
-        m = evaluate.sample_metrics(classifier, images, test_features)
+        m = evaluate.sample_metrics(classifier, evaluate.in_batches(classifier.features, images), test_features)
         copy = evaluate.nearest_train_distance(images[:2000], train_flat).median().item()
         print(f"| {k} | {seconds:.1f} | {gmm['iterations']} | {gmm['log_likelihood']:.3f} | "
               f"{prior.log_likelihood(gmm, test_codes):.3f} | {m['fid']:.2f} | {m['is']:.2f} | {m['coverage']:.1f} | "

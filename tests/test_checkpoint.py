@@ -38,10 +38,11 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
 
 def test_save_load_round_trip_and_atomic_write(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    payload = {"model": {"w": torch.arange(3.0)}, "model_args": {}, "config": {"a": 1}}
+    config = {"dataset": "mnist", "data_dir": "data", "seed": 1}
+    payload = {"model": {"w": torch.arange(3.0)}, "model_args": {}, "config": config}
     checkpoint.save(path, payload)
     loaded = checkpoint.load(path)
-    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["config"] == {"a": 1}
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["config"] == config
     # A save that fails midway leaves the previous file and no temporary behind.
     with pytest.raises(Exception):
         checkpoint.save(path, {"model": lambda: 0, "model_args": {}, "config": {}})

@@ -135,13 +135,13 @@ def test_bad_prior_options_are_one_line_errors(trained, tmp_path, args, words):
 
 def test_a_failed_fit_leaves_the_checkpoint_as_it_was(trained, tmp_path):
     ckpt = checkpoint.load(str(trained / "ckpt.pt"))
-    last_bias = [k for k in ckpt["model"] if k.startswith("encoder") and k.endswith("bias")][-1]
-    ckpt["model"][last_bias][0] = float("nan")  # every code's first coordinate becomes NaN
+    last_weight = [k for k in ckpt["model"] if k.startswith("encoder") and k.endswith("weight")][-1]
+    ckpt["model"][last_weight][0] = 3e38  # finite weights, but the first coordinate of every code overflows to inf
     path = tmp_path / "ckpt.pt"
     checkpoint.save(str(path), ckpt)
     before = path.read_bytes()
     result = run_script("sample.py", f"--checkpoint={path}", "--fit_prior", f"--out={tmp_path / 'x.png'}")
-    assert_user_error(result, "could not fit the ex-post prior", "NaN", "left as it was")
+    assert_user_error(result, "could not fit the ex-post prior", "NaN or inf", "left as it was")
     assert path.read_bytes() == before
 
 
