@@ -158,10 +158,11 @@ def atomic_write(path):
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        # torch.save reports a failed write as a RuntimeError ("file write failed"); other RuntimeErrors are bugs.
-        if isinstance(e, RuntimeError) and "write" not in str(e):
+        # torch.save reports a short write as a RuntimeError from its zip writer (inline_container.cc:
+        # "unexpected pos", or "file write failed"); other RuntimeErrors are bugs and keep their traceback.
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
             raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:80]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the file stopped short: a full disk or a size limit"
         raise UserError(f"cannot write {path} ({reason}); free some disk space or choose another path. "
                         f"Nothing was replaced") from None
     finally:

@@ -39,7 +39,8 @@ DEFAULTS = dict(
 )
 MODES = ("sample", "traverse", "interpolate", "reconstruct")
 PRIORS = ("normal", "gmm")
-DECODE_CHUNK = 10_000     # images decoded at once, so that memory is the output tensor plus one chunk, for any --num
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DECODE_CHUNK = 2_000      # images decoded at once, so that memory is the output tensor plus one chunk, for any --num
 MAX_GRID_TILES = 10_000   # more digits than this in one PNG is unreadable (and gigabytes); --tensor keeps them all
 
 
@@ -101,6 +102,9 @@ def main(argv):
     require(cfg["mode"] in MODES, f"unknown mode {cfg['mode']!r}; choose one of {', '.join(MODES)}")
     require(cfg["num"] > 0 and cfg["nrow"] > 0, f"--num={cfg['num']} and --nrow={cfg['nrow']} must be positive")
     require(cfg["prior"] in PRIORS, f"unknown prior {cfg['prior']!r}; choose one of {', '.join(PRIORS)}")
+    require(cfg["prior_components"] >= 1, f"--prior_components={cfg['prior_components']} must be at least 1")
+    require(os.path.splitext(cfg["out"])[1].lower() in IMAGE_EXTENSIONS,
+            f"--out={cfg['out'][:80]} must name an image file ending in {', '.join(IMAGE_EXTENSIONS)}")
     require(cfg["prior"] == "normal" or cfg["mode"] == "sample",
             f"--prior={cfg['prior']} applies to --mode=sample, the only mode that draws from the prior")
     device = pick_device(cfg["device"])

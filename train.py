@@ -57,12 +57,13 @@ lr_decay = True              # cosine decay to lr/10 over the run
 device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
 precision = "auto"           # auto = bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; or bf16, fp32
 cuda_graph = True            # on CUDA, replay each whole step as one CUDA graph (this small model is launch-bound)
+deterministic = False        # deterministic kernels only, so identical GPU runs give identical weights (CPU runs already do)
 seed = 1337                  # model init, prior draws and data order all follow from it
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # Options a resumed run may change; the rest define the model and its loss.
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
-                  "epochs", "max_steps", "device", "precision", "cuda_graph", "prior_components"}
+                  "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -340,14 +341,19 @@ def optimizer_tensors(optimizer):
     return [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
 
-def speed_settings(device):
+def speed_settings(device, deterministic=False):
+    if deterministic:
+        # cuBLAS needs a fixed workspace, set before its first call, to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if device.type == "cpu":
         # Tiny gradients late in training turn into denormal floats, which x86 cores handle slowly
         # (bench.py: about 8% per step). Flushing them to zero changes nothing a VAE can notice.
         torch.set_flush_denormal(True)
     if device.type == "cuda":
-        # Input shapes never change: let cuDNN time its kernels once. TF32 for the fully connected layers.
-        torch.backends.cudnn.benchmark = True
+        # Input shapes never change: let cuDNN time its kernels once (unless the run must be deterministic:
+        # the fastest kernel it picks can differ between runs). TF32 for the fully connected layers.
+        torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
@@ -394,7 +400,7 @@ def main(argv):
                 f"{ckpt_path} already exists: continue it with --resume=True, start a new run with another "
                 f"--out_dir, or replace it with --overwrite=True")
     rank, world_size, device = distributed_setup(cfg)
-    speed_settings(device)
+    speed_settings(device, cfg["deterministic"])
     if master:  # before the other ranks are waited for: they join once the data is in place
         check_writable(cfg["out_dir"])
         remove_stale_temporaries(cfg["out_dir"])
