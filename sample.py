@@ -102,7 +102,7 @@ def main(argv):
     require(cfg["mode"] in MODES, f"unknown mode {cfg['mode']!r}; choose one of {', '.join(MODES)}")
     require(cfg["num"] > 0 and cfg["nrow"] > 0, f"--num={cfg['num']} and --nrow={cfg['nrow']} must be positive")
     require(cfg["prior"] in PRIORS, f"unknown prior {cfg['prior']!r}; choose one of {', '.join(PRIORS)}")
-    require(cfg["prior_components"] >= 1, f"--prior_components={cfg['prior_components']} must be at least 1")
+    require(cfg["prior_components"] >= 1, f"--prior_components={cfg['prior_components']} must be between 1 and the number of training codes")
     require(os.path.splitext(cfg["out"])[1].lower() in IMAGE_EXTENSIONS,
             f"--out={cfg['out'][:80]} must name an image file ending in {', '.join(IMAGE_EXTENSIONS)}")
     require(cfg["prior"] == "normal" or cfg["mode"] == "sample",

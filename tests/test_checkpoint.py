@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+from cli import UserError
 from conftest import REPO, TINY, assert_user_error, run_script
 
 # Epochs of 234 steps with a tiny model: crosses an epoch boundary (test pass, grid, log row).
@@ -117,7 +118,9 @@ def test_malicious_checkpoint_runs_no_code(tmp_path):
 
     torch.save({"format": checkpoint.FORMAT, "model": Payload(), "model_args": {}, "config": {}}, tmp_path / "ckpt.pt")
     assert_user_error(run_script("sample.py", f"--out_dir={tmp_path}", f"--out={tmp_path / 'x.png'}"), "run code")
-    assert_user_error(run_script("train.py", f"--out_dir={tmp_path}", "--resume=True"), "run code")
+    import train
+    with pytest.raises(UserError, match="run code"):
+        train.main([f"--out_dir={tmp_path}", "--resume=True"])
     assert not marker.exists()
 
 

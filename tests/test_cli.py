@@ -105,8 +105,8 @@ def test_truncated_checkpoint_is_refused_and_left_alone(tmp_path, trained):
     assert out.read_bytes() == b"an earlier grid"
     assert truncated.read_bytes() == ckpt[: len(ckpt) // 2]
     # --resume from it is refused the same way, and the file is kept.
-    result = run_script("train.py", f"--out_dir={tmp_path}", "--resume=True")
-    assert_user_error(result, "truncated or corrupt")
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        train.main([f"--out_dir={tmp_path}", "--resume=True"])
     assert truncated.read_bytes() == ckpt[: len(ckpt) // 2]
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import checkpoint
@@ -149,10 +150,22 @@ def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tm
     assert largest_weight_difference(stopped, reference) < SAME_RUN
 
 
-def test_every_rank_refuses_a_batch_that_does_not_divide_and_one_prints_it(tmp_path):
-    ranks = launch(["train.py", "--batch_size=33", f"--out_dir={tmp_path}"], timeout=120)
-    assert_user_error(ranks[0], "--batch_size=33", "2 ranks", "multiple of 2")
-    assert ranks[1].returncode == 2 and ranks[1].stderr == ""
+def test_every_rank_refuses_a_batch_that_does_not_divide_and_one_prints_it(tmp_path, monkeypatch, capsys):
+    import train
+    from cli import run
+    monkeypatch.setattr(sys, "argv", ["train.py", "--batch_size=33", f"--out_dir={tmp_path}"])
+    for rank in (0, 1):  # the check comes before any rank waits for another, so no process group is needed
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit) as exit_status:
+            run(train.main)
+        assert exit_status.value.code == 2
+        stderr = capsys.readouterr().err
+        if rank == 0:
+            assert stderr.startswith("error: --batch_size=33 does not divide into 2 ranks") and "multiple of 2" in stderr
+            assert stderr.count("\n") == 1
+        else:
+            assert stderr == ""
     assert os.listdir(tmp_path) == []
 
 
