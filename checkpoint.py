@@ -44,9 +44,8 @@ def load(path, device="cpu"):
                             f"train.py never does. Use only checkpoints you made or trust") from None
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); retrain, or restore it "
                         f"from a backup") from None
-    except Exception as e:  # the unpickler and the zip reader fail in many ways on bytes that are not a checkpoint
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:80]
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {reason}); "
+    except Exception:  # the unpickler and the zip reader fail in many ways, none of them telling, on such bytes
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt, or not written by torch.save); "
                         f"retrain, or restore it from a backup") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path} is not an MMD-VAE checkpoint from train.py; pass a ckpt.pt written by train.py")

@@ -97,7 +97,7 @@ def parse_scales(text):
     except ValueError:
         scales = []
     require(scales and all(0 < s < math.inf for s in scales),  # inf would make every kernel value 1 and the MMD 0
-            f"--kernel_scales={text} must be positive numbers separated by commas, e.g. --kernel_scales=0.5,1,2")
+            f"--kernel_scales={text} must be finite positive numbers separated by commas, e.g. --kernel_scales=0.5,1,2")
     return scales
 
 
