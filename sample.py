@@ -53,6 +53,11 @@ def decode(model, z):
     return images
 
 
+def encode(model, x):
+    """The codes of images x, encoded DECODE_CHUNK at a time."""
+    return torch.cat([model.encode(chunk) for chunk in x.split(DECODE_CHUNK)])
+
+
 def sample(model, num, generator, gmm=None):
     """Decode num draws of z ~ N(0, I), or of the ex-post prior `gmm` when given."""
     z = torch.randn(num, model.latent_dim, generator=generator) if gmm is None else prior.sample_gmm(gmm, num, generator)
@@ -86,13 +91,13 @@ def test_digits(ckpt_config, count, generator, device):
 def interpolate(model, x_start, x_end, nrow):
     """One row per pair: nrow codes evenly spaced on the line from encode(start) to encode(end)."""
     weights = torch.linspace(0, 1, nrow, device=x_start.device)[None, :, None]
-    z0, z1 = model.encode(x_start)[:, None], model.encode(x_end)[:, None]
-    return model.decode(((1 - weights) * z0 + weights * z1).reshape(-1, model.latent_dim))
+    z0, z1 = encode(model, x_start)[:, None], encode(model, x_end)[:, None]
+    return decode(model, ((1 - weights) * z0 + weights * z1).reshape(-1, model.latent_dim))
 
 
 def reconstruct(model, x, nrow):
     """Rows of nrow originals, each followed by a row of their reconstructions."""
-    x_hat = model.decode(model.encode(x))
+    x_hat = decode(model, encode(model, x)).to(x.device)
     rows = [t for i in range(0, len(x), nrow) for t in (x[i:i + nrow], x_hat[i:i + nrow])]
     return torch.cat(rows)
 
@@ -131,7 +136,8 @@ def main(argv):
             images = traverse(model, nrow, axes)
         elif cfg["mode"] == "interpolate":
             x = test_digits(ckpt["config"], 2 * rows, generator, device)
-            images = interpolate(model, x[:rows], x[rows:], nrow)
+            pairs = len(x) // 2  # at most half the test set: each row needs two digits
+            images = interpolate(model, x[:pairs], x[pairs:2 * pairs], nrow)
         else:
             images = reconstruct(model, test_digits(ckpt["config"], max(1, rows // 2) * nrow, generator, device), nrow)
     images = images.float().cpu()

@@ -270,3 +270,12 @@ def test_deterministic_selects_deterministic_algorithms_and_may_change_on_resume
         train.main([*TINY, "--deterministic=True", f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}"])
     assert chosen == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert "deterministic" in train.SAFE_ON_RESUME
+
+
+@pytest.mark.parametrize("mode", ["sample", "traverse", "interpolate", "reconstruct"])
+def test_every_mode_takes_more_images_than_the_test_set_holds(trained, tmp_path, mode):
+    import sample
+    sample.main([f"--out_dir={trained}", f"--mode={mode}", "--num=30000", "--nrow=100",
+                 f"--out={tmp_path / 'grid.png'}", f"--tensor={tmp_path / 'grid.pt'}"])
+    images = torch.load(tmp_path / "grid.pt", weights_only=True)
+    assert len(images) >= 100 and images.shape[1:] == (1, 28, 28) and 0 <= images.min() <= images.max() <= 1
