@@ -3,10 +3,13 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 
 import data
+import evaluate
 import sample
+from cli import UserError
 from conftest import assert_user_error, run_script
 
 
@@ -56,8 +59,8 @@ def test_evaluate_end_to_end(trained, mnist_dir):
     assert 1 <= metrics["is"] <= 10 and 1 <= metrics["real_is"] <= 10
     assert 0.1 <= metrics["probe"] <= 1 and 0.1 <= metrics["knn"] <= 1
     assert len(metrics["cov_eigenvalues"]) == 4
-    result = run_script("evaluate.py", f"--checkpoint={trained / 'ckpt.pt'}", "--dataset=fashion")
-    assert_user_error(result, "trained on mnist, not fashion")
+    with pytest.raises(UserError, match="trained on mnist, not fashion"):
+        evaluate.main([f"--checkpoint={trained / 'ckpt.pt'}", "--dataset=fashion"])
 
 
 def test_corrupt_data_file_is_moved_aside_with_a_clear_error(tmp_path, mnist_dir):
