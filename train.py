@@ -86,7 +86,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import prior
-from cli import UserError, atomic_write, parse_overrides, pick_device, remove_stale_temporaries, require, run
+from cli import UserError, atomic_write, first_line, parse_overrides, pick_device, remove_stale_temporaries, require, run
 from mmd import ESTIMATORS, KERNELS, mmd
 from model import MMDVAE
 
@@ -318,7 +318,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
         with torch.cuda.graph(graph):
             static_out = eager(static_x)
     except RuntimeError as e:  # a GPU or build that cannot capture this step still trains, eagerly
-        print(f"CUDA graph capture failed ({str(e).splitlines()[0][:100]}); training without it")
+        print(f"CUDA graph capture failed ({first_line(e)}); training without it")
         graph = None
     with torch.no_grad():
         for p, value in zip(model.parameters(), saved_params):
@@ -413,7 +413,7 @@ def main(argv):
         # A collective that fails means another rank died (torchrun is stopping this one too).
         if world_size == 1 or not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
             raise
-        reason = str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:100]  # past gloo's "[file:line] "
+        reason = first_line(e, 1000).split("] ", 1)[-1].split(". ")[0][:100]  # past gloo's "[file:line] "
         raise UserError(f"rank {rank}: another rank stopped ({reason}); {ckpt_path} holds the "
                         f"last checkpoint: continue with --resume=True", every_rank=True) from None
     finally:
@@ -453,8 +453,7 @@ def train(cfg, saved, rank, world_size, device):
             checkpoint.set_rng_states(saved["rng"], device)
             require(0 <= epoch_step <= steps_per_epoch and step >= 0 and running.isfinite().all(), "counters out of range")
         except Exception as e:  # a checkpoint from elsewhere, or damaged: the weights load but the rest does not
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
-            raise UserError(f"cannot resume from {ckpt_path}: its training state is damaged ({reason}); start "
+            raise UserError(f"cannot resume from {ckpt_path}: its training state is damaged ({first_line(e)}); start "
                             f"afresh with --overwrite=True, or restore it from a backup") from None
         # Rows after the checkpoint belong to work that is about to be redone.
         log_rows = [r for r in read_log(log_path) if int(r["step"]) <= step]
