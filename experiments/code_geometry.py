@@ -1,0 +1,106 @@
+"""Why decoded N(0, I) draws are worse than the decoder: where they land among the codes.
+
+    python experiments/code_geometry.py --checkpoint=out/ckpt.pt
+
+Prints four measurements of one checkpoint (the README's "prior gap" section quotes them):
+  1. local dimension: the Levina-Bickel maximum-likelihood estimate (k = 20 neighbours, median
+     over 3,000 points) of the train codes, and of as many N(0, I) draws in the same space;
+  2. for test codes, N(0, I) draws and ex-post prior draws: the distance to the nearest train
+     code, and how sure evaluate.py's classifier is of the decoded digit (mean top probability,
+     share under 0.9), with N(0, I) draws also split by that distance;
+  3. what the training loss can see: MMD^2 of `batch_size` train codes against as many prior
+     draws, for each bandwidth on its own, over 100 batches, in units of the spread it has when
+     both sides are N(0, I) (a signal-to-noise ratio; below ~1 a batch cannot tell them apart);
+  4. N(0, I) draws pushed through the autoencoder again (z -> encode(decode(z))): FID and IS
+     after each pass, the decoder's own pull back towards the codes it knows.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import prior  # noqa: E402
+from cli import parse_overrides, run  # noqa: E402
+from mmd import mmd  # noqa: E402
+
+in_batches = evaluate.in_batches
+
+
+def local_dimension(points, reference, k=20):
+    """Median Levina-Bickel MLE of the intrinsic dimension at `points` (each also a row of `reference`)."""
+    dist = torch.cat([torch.cdist(points[i:i + 500], reference).topk(k + 1, largest=False).values[:, 1:]
+                      for i in range(0, len(points), 500)])  # column 0 is the point itself
+    return ((k - 1) / torch.log(dist[:, -1:] / dist[:, :-1]).sum(1)).median().item()
+
+
+def nearest_code_distance(points, codes):
+    return torch.cat([torch.cdist(points[i:i + 500], codes).min(1).values for i in range(0, len(points), 500)])
+
+
+def main(argv):
+    cfg, _ = parse_overrides({"checkpoint": "out/ckpt.pt", "num": 5000, "passes": 3, "seed": 0}, argv,
+                             "experiments/code_geometry.py")
+    model, ckpt = checkpoint.load_model(cfg["checkpoint"])
+    config = ckpt["config"]
+    splits = data.load(config["dataset"], config["data_dir"])
+    classifier, _ = evaluate.load_classifier(config["dataset"], config["data_dir"], splits, "cpu")
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    train_codes = prior.encode_all(model, splits["train"][0])
+    dim, num = model.latent_dim, cfg["num"]
+    normal = torch.randn(len(train_codes), dim, generator=generator)
+
+    pick = torch.randperm(len(train_codes), generator=generator)[:3000]
+    print(f"{cfg['checkpoint']}: latent_dim {dim}; local dimension of the train codes "
+          f"{local_dimension(train_codes[pick], train_codes):.1f}, of N(0, I) draws {local_dimension(normal[:3000], normal):.1f}")
+
+    sets = {"test codes": prior.encode_all(model, splits["test"][0][:num]), "N(0, I)": normal[:num]}
+    if "prior" in ckpt:
+        sets["ex-post prior"] = prior.sample_gmm(ckpt["prior"], num, generator)
+    print("| points | nearest train code: 10% / 50% / 90% | classifier's top probability | share under 0.9 |")
+    print("|---|---|---|---|")
+    with torch.no_grad():
+        for name, z in sets.items():
+            dist = nearest_code_distance(z, train_codes)
+            sure = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1).max(1).values, z)
+            q = torch.quantile(dist, torch.tensor([0.1, 0.5, 0.9])).tolist()
+            print(f"| {name} | {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f} | {sure.mean():.3f} | {(sure < 0.9).float().mean():.3f} |")
+            if name == "N(0, I)":
+                edges = torch.quantile(dist, torch.tensor([0.25, 0.5, 0.75])).tolist()
+                quarter = torch.bucketize(dist, torch.tensor(edges))
+                for i in range(4):
+                    s = sure[quarter == i]
+                    print(f"| N(0, I), quarter {i + 1} by distance | | {s.mean():.3f} | {(s < 0.9).float().mean():.3f} |")
+
+    batch = config["batch_size"]
+    print(f"\nMMD^2 of {batch} train codes vs {batch} N(0, I) draws, 100 batches, per bandwidth (multiple of 2 x latent_dim):")
+    print("| bandwidth | codes: mean | both N(0, I): mean +- sd | signal / noise |")
+    print("|---|---|---|---|")
+    for scale in (0.02, 0.05, 0.1, 0.2, 1.0, 5.0):
+        codes_vs, null = [], []
+        for _ in range(100):
+            codes = train_codes[torch.randint(len(train_codes), (batch,), generator=generator)]
+            codes_vs.append(mmd(codes, torch.randn(batch, dim, generator=generator), scales=[scale]).item())
+            null.append(mmd(torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator),
+                            scales=[scale]).item())
+        codes_vs, null = torch.tensor(codes_vs), torch.tensor(null)
+        print(f"| {scale} | {codes_vs.mean():.2e} | {null.mean():.1e} +- {null.std():.1e} | "
+              f"{(codes_vs.mean() - null.mean()) / null.std():.2f} |")
+
+    # The draws evaluate.py --seed=SEED scores, so that pass 0 is its FID.
+    z = torch.randn(10000, dim, generator=torch.Generator().manual_seed(cfg["seed"]))
+    print(f"\nN(0, I) draws re-encoded: z -> encode(decode(z)), {len(z)} draws")
+    test_features = in_batches(classifier.features, data.to_float(splits["test"][0]))
+    with torch.no_grad():
+        for passes in range(cfg["passes"] + 1):
+            images = in_batches(model.decode, z)
+            m = evaluate.sample_metrics(classifier, in_batches(classifier.features, images), test_features)
+            print(f"  {passes} passes: FID {m['fid']:.2f}, IS {m['is']:.2f}, coverage {m['coverage']:.1f}")
+            z = in_batches(model.encode, images)
+
+
+if __name__ == "__main__":
+    run(main)
