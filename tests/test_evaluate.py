@@ -1,5 +1,7 @@
 """The evaluation metrics on inputs whose answer is known."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -67,3 +69,17 @@ def test_the_copy_check_flags_copies_of_training_images():
     train_flat = train_images.flatten(1).float() / 255
     assert nearest_train_distance(train_images[:5].unsqueeze(1).float() / 255, train_flat).abs().max() < 1e-3
     assert nearest_train_distance(copies, train_flat).max() < nearest_train_distance(fresh, train_flat).min()
+
+
+def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
+    # The README's diagnosis of the prior gap rests on this estimate (experiments/code_geometry.py):
+    # codes on a 4-dimensional sheet inside 16 dimensions must measure about 4, N(0, I_16) about 16.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from code_geometry import local_dimension
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:, :4]  # 4 orthonormal directions in 16-D
+    sheet = torch.randn(6000, 4, generator=g) @ basis.T
+    full = torch.randn(6000, 16, generator=g)
+    assert 3.5 < local_dimension(sheet[:1000], sheet) < 4.5
+    assert 13.0 < local_dimension(full[:1000], full) < 17.0
