@@ -21,6 +21,7 @@ import data
 import prior
 import train
 from cli import atomic_write, parse_overrides, pick_device, require, run
+from evaluate import in_batches
 
 DEFAULTS = dict(
     out_dir="out",           # where train.py wrote ckpt.pt
@@ -51,11 +52,6 @@ def decode(model, z):
     for start in range(0, len(z), DECODE_CHUNK):
         images[start:start + DECODE_CHUNK] = model.decode(z[start:start + DECODE_CHUNK].to(device)).float().cpu()
     return images
-
-
-def encode(model, x):
-    """The codes of images x, encoded DECODE_CHUNK at a time."""
-    return torch.cat([model.encode(chunk) for chunk in x.split(DECODE_CHUNK)])
 
 
 def sample(model, num, generator, gmm=None):
@@ -91,13 +87,13 @@ def test_digits(ckpt_config, count, generator, device):
 def interpolate(model, x_start, x_end, nrow):
     """One row per pair: nrow codes evenly spaced on the line from encode(start) to encode(end)."""
     weights = torch.linspace(0, 1, nrow, device=x_start.device)[None, :, None]
-    z0, z1 = encode(model, x_start)[:, None], encode(model, x_end)[:, None]
+    z0, z1 = (in_batches(model.encode, x, DECODE_CHUNK)[:, None] for x in (x_start, x_end))
     return decode(model, ((1 - weights) * z0 + weights * z1).reshape(-1, model.latent_dim))
 
 
 def reconstruct(model, x, nrow):
     """Rows of nrow originals, each followed by a row of their reconstructions."""
-    x_hat, x = decode(model, encode(model, x)), x.cpu()  # decode() returns CPU images
+    x_hat, x = decode(model, in_batches(model.encode, x, DECODE_CHUNK)), x.cpu()  # decode() returns CPU images
     rows = [t for i in range(0, len(x), nrow) for t in (x[i:i + nrow], x_hat[i:i + nrow])]
     return torch.cat(rows)
 
