@@ -196,8 +196,9 @@ def prior_match(codes, generator, num=5000):
 
 @torch.no_grad()
 def nearest_train_distance(images, train_flat, batch_size=500):
-    """Pixel-space L2 distance from each image (N, 1, 28, 28) to its nearest row of train_flat,
-    the training images as floats in [0, 1], flattened to (M, 784) once by the caller."""
+    """L2 distance from each image (N, 1, 28, 28) to its nearest row of train_flat, the training
+    images as floats in [0, 1], flattened to (M, 784) once by the caller. Codes (N, D) against
+    train codes (M, D) work the same way."""
     return torch.cat([squared_distances(images[i:i + batch_size].flatten(1), train_flat).min(1).values.sqrt()
                       for i in range(0, len(images), batch_size)])
 

@@ -37,10 +37,6 @@ def local_dimension(points, reference, k=20):
     return ((k - 1) / torch.log(dist[:, -1:] / dist[:, :-1]).sum(1)).median().item()
 
 
-def nearest_code_distance(points, codes):
-    return torch.cat([torch.cdist(points[i:i + 500], codes).min(1).values for i in range(0, len(points), 500)])
-
-
 def main(argv):
     cfg, _ = parse_overrides({"checkpoint": "out/ckpt.pt", "num": 5000, "passes": 3, "seed": 0}, argv,
                              "experiments/code_geometry.py")
@@ -64,7 +60,7 @@ def main(argv):
     print("|---|---|---|---|")
     with torch.no_grad():
         for name, z in sets.items():
-            dist = nearest_code_distance(z, train_codes)
+            dist = evaluate.nearest_train_distance(z, train_codes)
             sure = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1).max(1).values, z)
             q = torch.quantile(dist, torch.tensor([0.1, 0.5, 0.9])).tolist()
             print(f"| {name} | {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f} | {sure.mean():.3f} | {(sure < 0.9).float().mean():.3f} |")
