@@ -6,8 +6,10 @@ Prints four measurements of one checkpoint (the README's "prior gap" section quo
   1. local dimension: the Levina-Bickel maximum-likelihood estimate (k = 20 neighbours, median
      over 3,000 points) of the train codes, and of as many N(0, I) draws in the same space;
   2. for test codes, N(0, I) draws and ex-post prior draws: the distance to the nearest train
-     code, and how sure evaluate.py's classifier is of the decoded digit (mean top probability,
-     share under 0.9), with N(0, I) draws also split by that distance;
+     code; how sure evaluate.py's classifier is of the decoded digit (mean top probability,
+     share under 0.9); and whether the point lies inside one digit's cluster (its 10 nearest
+     train codes all have one label, a "pure" neighbourhood) or between clusters, with the
+     share under 0.9 in each. N(0, I) draws are also split by their distance to the codes;
   3. what the training loss can see: MMD^2 of `batch_size` train codes against as many prior
      draws, for each bandwidth on its own, over 100 batches, in units of the spread it has when
      both sides are N(0, I) (a signal-to-noise ratio; below ~1 a batch cannot tell them apart);
@@ -37,6 +39,14 @@ def local_dimension(points, reference, k=20):
     return ((k - 1) / torch.log(dist[:, -1:] / dist[:, :-1]).sum(1)).median().item()
 
 
+def neighbourhood_is_pure(points, codes, labels, k=10):
+    """True where all k nearest codes to a point carry one label: the point lies inside a digit's cluster."""
+    nearest = torch.cat([torch.cdist(points[i:i + 500], codes).topk(k, largest=False).indices
+                         for i in range(0, len(points), 500)])
+    neighbour_labels = labels[nearest]
+    return (neighbour_labels == neighbour_labels[:, :1]).all(1)
+
+
 def main(argv):
     cfg, _ = parse_overrides({"checkpoint": "out/ckpt.pt", "num": 5000, "passes": 3, "seed": 0}, argv,
                              "experiments/code_geometry.py")
@@ -56,20 +66,28 @@ def main(argv):
     sets = {"test codes": prior.encode_all(model, splits["test"][0][:num]), "N(0, I)": normal[:num]}
     if "prior" in ckpt:
         sets["ex-post prior"] = prior.sample_gmm(ckpt["prior"], num, generator)
-    print("| points | nearest train code: 10% / 50% / 90% | classifier's top probability | share under 0.9 |")
-    print("|---|---|---|---|")
+    train_labels = splits["train"][1]
+    print("| points | nearest train code: 10% / 50% / 90% | classifier's top probability | share under 0.9 "
+          "| pure neighbourhood | share under 0.9: pure / mixed |")
+    print("|---|---|---|---|---|---|")
+
+    def row(name, q, sure, pure):
+        unsure = (sure < 0.9).float()
+        print(f"| {name} | {q} | {sure.mean():.3f} | {unsure.mean():.3f} | {pure.float().mean():.3f} "
+              f"| {unsure[pure].mean():.3f} / {unsure[~pure].mean():.3f} |")
+
     with torch.no_grad():
         for name, z in sets.items():
             dist = evaluate.nearest_train_distance(z, train_codes)
             sure = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1).max(1).values, z)
+            pure = neighbourhood_is_pure(z, train_codes, train_labels)
             q = torch.quantile(dist, torch.tensor([0.1, 0.5, 0.9])).tolist()
-            print(f"| {name} | {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f} | {sure.mean():.3f} | {(sure < 0.9).float().mean():.3f} |")
+            row(name, f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}", sure, pure)
             if name == "N(0, I)":
                 edges = torch.quantile(dist, torch.tensor([0.25, 0.5, 0.75])).tolist()
                 quarter = torch.bucketize(dist, torch.tensor(edges))
                 for i in range(4):
-                    s = sure[quarter == i]
-                    print(f"| N(0, I), quarter {i + 1} by distance | | {s.mean():.3f} | {(s < 0.9).float().mean():.3f} |")
+                    row(f"N(0, I), quarter {i + 1} by distance", "", sure[quarter == i], pure[quarter == i])
 
     batch = config["batch_size"]
     print(f"\nMMD^2 of {batch} train codes vs {batch} N(0, I) draws, 100 batches, per bandwidth (multiple of 2 x latent_dim):")

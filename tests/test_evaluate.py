@@ -83,3 +83,16 @@ def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
     full = torch.randn(6000, 16, generator=g)
     assert 3.5 < local_dimension(sheet[:1000], sheet) < 4.5
     assert 13.0 < local_dimension(full[:1000], full) < 17.0
+
+
+def test_neighbourhood_purity_tells_a_point_inside_a_cluster_from_one_between_clusters():
+    # The README's split of unsure N(0, I) draws into "inside a digit's cluster" and "between clusters".
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from code_geometry import neighbourhood_is_pure
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
+    labels = torch.arange(2).repeat_interleave(500)
+    codes = centres[labels] + 0.5 * torch.randn(1000, 2, generator=g)
+    points = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 0.0]])  # two cluster centres and the gap between them
+    assert neighbourhood_is_pure(points, codes, labels).tolist() == [True, True, False]
