@@ -32,18 +32,21 @@ from mmd import mmd  # noqa: E402
 in_batches = evaluate.in_batches
 
 
+def nearest(points, reference, k):
+    """(distances, indices) of the k nearest rows of `reference` to each point, closest first."""
+    found = [torch.cdist(points[i:i + 500], reference).topk(k, largest=False) for i in range(0, len(points), 500)]
+    return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
+
+
 def local_dimension(points, reference, k=20):
     """Median Levina-Bickel MLE of the intrinsic dimension at `points` (each also a row of `reference`)."""
-    dist = torch.cat([torch.cdist(points[i:i + 500], reference).topk(k + 1, largest=False).values[:, 1:]
-                      for i in range(0, len(points), 500)])  # column 0 is the point itself
+    dist = nearest(points, reference, k + 1)[0][:, 1:]  # column 0 is the point itself
     return ((k - 1) / torch.log(dist[:, -1:] / dist[:, :-1]).sum(1)).median().item()
 
 
-def neighbourhood_is_pure(points, codes, labels, k=10):
-    """True where all k nearest codes to a point carry one label: the point lies inside a digit's cluster."""
-    nearest = torch.cat([torch.cdist(points[i:i + 500], codes).topk(k, largest=False).indices
-                         for i in range(0, len(points), 500)])
-    neighbour_labels = labels[nearest]
+def neighbourhood_is_pure(neighbour_labels):
+    """True where a point's nearest codes (their labels, one row per point) all carry one label:
+    the point lies inside a digit's cluster."""
     return (neighbour_labels == neighbour_labels[:, :1]).all(1)
 
 
@@ -78,9 +81,9 @@ def main(argv):
 
     with torch.no_grad():
         for name, z in sets.items():
-            dist = evaluate.nearest_train_distance(z, train_codes)
+            dists, indices = nearest(z, train_codes, 10)  # one search serves the distance and the purity
+            dist, pure = dists[:, 0].contiguous(), neighbourhood_is_pure(train_labels[indices])
             sure = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1).max(1).values, z)
-            pure = neighbourhood_is_pure(z, train_codes, train_labels)
             q = torch.quantile(dist, torch.tensor([0.1, 0.5, 0.9])).tolist()
             row(name, f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}", sure, pure)
             if name == "N(0, I)":

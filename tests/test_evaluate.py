@@ -6,8 +6,12 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO
 from evaluate import (class_coverage, frechet_distance, inception_score, knn_accuracy, nearest_train_distance,
                       probe_accuracy)
+
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+from code_geometry import local_dimension, nearest, neighbourhood_is_pure  # noqa: E402
 
 
 def sqrtm_trace_reference(a, b, iterations=60):
@@ -74,9 +78,6 @@ def test_the_copy_check_flags_copies_of_training_images():
 def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
     # The README's diagnosis of the prior gap rests on this estimate (experiments/code_geometry.py):
     # codes on a 4-dimensional sheet inside 16 dimensions must measure about 4, N(0, I_16) about 16.
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    from code_geometry import local_dimension
-
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:, :4]  # 4 orthonormal directions in 16-D
     sheet = torch.randn(6000, 4, generator=g) @ basis.T
@@ -87,12 +88,9 @@ def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
 
 def test_neighbourhood_purity_tells_a_point_inside_a_cluster_from_one_between_clusters():
     # The README's split of unsure N(0, I) draws into "inside a digit's cluster" and "between clusters".
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-    from code_geometry import neighbourhood_is_pure
-
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
     labels = torch.arange(2).repeat_interleave(500)
     codes = centres[labels] + 0.5 * torch.randn(1000, 2, generator=g)
     points = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 0.0]])  # two cluster centres and the gap between them
-    assert neighbourhood_is_pure(points, codes, labels).tolist() == [True, True, False]
+    assert neighbourhood_is_pure(labels[nearest(points, codes, 10)[1]]).tolist() == [True, True, False]
