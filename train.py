@@ -46,6 +46,8 @@ kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with 
 kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
 kernel_scales = "0.2,1,5"    # comma-separated bandwidth multipliers of 2*latent_dim; several see several length scales
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
+pixel_mmd_weight = 0.0       # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space (README: the prior gap)
+pixel_kernel_scales = "10,30,100"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart)
 # ex-post prior (prior.py)
 prior_components = 60        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
 # optimizer
@@ -64,6 +66,8 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 # Options a resumed run may change; the rest define the model and its loss.
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
+# What a checkpoint saved before an option existed was trained with, where that is not today's default.
+BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -91,20 +95,20 @@ from mmd import ESTIMATORS, KERNELS, mmd
 from model import MMDVAE
 
 
-def parse_scales(text):
+def parse_scales(text, name="kernel_scales"):
     try:
         scales = [float(s) for s in text.split(",")]
     except ValueError:
         scales = []
     require(scales and all(0 < s < math.inf for s in scales),  # inf would make every kernel value 1 and the MMD 0
-            f"--kernel_scales={text} must be finite positive numbers separated by commas, e.g. --kernel_scales=0.5,1,2")
+            f"--{name}={text} must be finite positive numbers separated by commas, e.g. --{name}=0.5,1,2")
     return scales
 
 
 def validate(cfg):
     for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
-    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "prior_components"):
+    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "pixel_mmd_weight", "prior_components"):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
     require(cfg["lr"] > 0, f"--lr={cfg['lr']} must be positive")
     require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
@@ -116,10 +120,11 @@ def validate(cfg):
     require(cfg["kl_weight"] == 0 or cfg["stochastic_encoder"],
             "--kl_weight > 0 needs a Gaussian encoder: add --stochastic_encoder=True")
     parse_scales(cfg["kernel_scales"])
+    parse_scales(cfg["pixel_kernel_scales"], "pixel_kernel_scales")
 
 
 def compute_loss(model, x, cfg, gather=None):
-    """(total loss, {"recon", "mmd", "kl"}) for a batch x in [0, 1]; every term is per image.
+    """(total loss, {"recon", "mmd", "kl", "pixel_mmd"}) for a batch x in [0, 1]; every term is per image.
 
     gather: under torchrun, gather_codes, so that the MMD is over the codes of the whole global batch."""
     logits, z, mu, logvar = model(x)
@@ -137,8 +142,35 @@ def compute_loss(model, x, cfg, gather=None):
                        estimator=cfg["mmd_estimator"]) if cfg["mmd_weight"] > 0 else zero
     # KL(N(mu, sigma^2) || N(0, 1)) in closed form (Kingma & Welling, 2014, appendix B).
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n if cfg["kl_weight"] > 0 else zero
-    loss = recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl
-    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl}
+    pixel_term = pixel_mmd(model, x, z.shape[0], cfg, gather) if cfg["pixel_mmd_weight"] > 0 else zero
+    loss = recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl + cfg["pixel_mmd_weight"] * pixel_term
+    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl, "pixel_mmd": pixel_term}
+
+
+def pixel_mmd(model, x, global_batch, cfg, gather=None):
+    """MMD^2 between as many decoded N(0, I) draws as the batch has images, and those images, in pixel space.
+
+    The latent MMD matches q(z) to N(0, I) only at the scales a batch of codes can see, so most
+    prior draws land between the digits' clusters of codes, where the decoder, never asked about
+    them, draws blends (README: the prior gap). This term asks it about them: the decoder's own
+    samples must match the data (Li, Swersky & Zemel, "Generative Moment Matching Networks", 2015).
+    Only the decoder learns from it. Under torchrun every rank draws the whole batch's prior draws
+    (the same on every rank), decodes its share, and the MMD is over all ranks' images."""
+    draws = torch.randn(global_batch, model_of(model).latent_dim, device=x.device)
+    if gather is not None:
+        draws = draws.chunk(dist.get_world_size())[dist.get_rank()]
+    drawn = torch.sigmoid(model_of(model).decode_logits(draws)).float().flatten(1)
+    real = x.float().flatten(1)
+    if gather is not None:
+        drawn, real = gather(drawn), gather(real)
+    with torch.autocast(x.device.type, enabled=False):
+        return mmd(drawn, real, "gaussian", parse_scales(cfg["pixel_kernel_scales"]), bandwidth=1.0,
+                   estimator=cfg["mmd_estimator"])
+
+
+def model_of(model):
+    """The MMDVAE inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 # PyTorch 2.14 marks this gather deprecated in favour of a private module; the public one is documented
@@ -185,7 +217,7 @@ def resume_config(saved, cfg, given, verbose=True):
         require(k not in DEFAULTS or type(v) is type(DEFAULTS[k]),
                 f"the checkpoint's config has {k}={v!r}, not a {type(DEFAULTS[k]).__name__}: it is damaged; "
                 f"start afresh with --overwrite=True, or restore it from a backup")
-    merged = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
+    merged = {**DEFAULTS, **BEFORE_OPTIONS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
     for name in sorted(given):
         if cfg[name] == merged[name]:
             continue
@@ -210,8 +242,9 @@ def check_writable(folder):
         raise UserError(f"cannot write to --out_dir={folder} ({e.strerror}); choose a writable folder with free space") from None
 
 
-LOG_FIELDS = ["epoch", "step", "seconds", "train_loss", "train_recon", "train_mmd", "train_kl",
-              "test_loss", "test_recon", "test_mmd", "test_kl", "test_mse"]
+TERMS = ("recon", "mmd", "kl", "pixel_mmd")  # the loss's terms, as compute_loss names them
+LOG_FIELDS = ["epoch", "step", "seconds", *(f"{split}_{k}" for split in ("train", "test") for k in ("loss", *TERMS)),
+              "test_mse"]
 
 
 def write_log(path, rows):
@@ -275,7 +308,7 @@ def make_optimizer(model, cfg, device):
 
 
 def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
-    """step(x, lr) -> tensor [loss, recon, mmd, kl]: one optimisation step on batch x.
+    """step(x, lr) -> tensor [loss, *TERMS]: one optimisation step on batch x.
 
     On CUDA (cuda_graph=True) forward, backward and Adam are captured once as a CUDA graph
     and replayed: one launch per step instead of hundreds (PyTorch docs, "CUDA Graphs",
@@ -290,7 +323,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return torch.stack([loss.detach(), terms["recon"].detach(), terms["mmd"].detach(), terms["kl"].detach()])
+        return torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS)])
 
     def eager_step(x, lr):
         for group in optimizer.param_groups:
@@ -441,7 +474,7 @@ def train(cfg, saved, rank, world_size, device):
     model = make_model(cfg, device)
     optimizer = make_optimizer(model, cfg, device)
     step, epoch, epoch_step = 0, 0, 0
-    running = torch.zeros(4, device=device)  # sums of loss, recon, mmd, kl over this epoch's steps
+    running = torch.zeros(1 + len(TERMS), device=device)  # sums of the loss and its terms over this epoch's steps
     log_path = os.path.join(cfg["out_dir"], "log.csv")
     log_rows = []
     if saved is not None:
@@ -449,7 +482,10 @@ def train(cfg, saved, rank, world_size, device):
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             step, epoch, epoch_step = (int(saved[k]) for k in ("step", "epoch", "epoch_step"))
-            running = saved["running"].to(device).reshape(4)
+            running = saved["running"].to(device).reshape(-1)
+            if len(running) == len(TERMS):  # saved before the pixel MMD existed: its sum is 0
+                running = torch.cat([running, running.new_zeros(1)])
+            running = running.reshape(1 + len(TERMS))
             checkpoint.set_rng_states(saved["rng"], device)
             require(0 <= epoch_step <= steps_per_epoch and step >= 0 and running.isfinite().all(), "counters out of range")
         except Exception as e:  # a checkpoint from elsewhere, or damaged: the weights load but the rest does not
@@ -509,10 +545,11 @@ def train(cfg, saved, rank, world_size, device):
         if not math.isfinite(loss):
             raise UserError(f"training diverged: the loss or the weights became {loss} by step {step}; "
                             f"{ckpt_path} (if any) holds the last good checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
-                            f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']})")
+                            f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']}, "
+                            f"pixel_mmd_weight={cfg['pixel_mmd_weight']})")
 
     def sync(losses):
-        """[loss, recon, mmd, kl] averaged over ranks; stops every rank if any was asked to stop or diverged."""
+        """[loss, *TERMS] averaged over ranks; stops every rank if any was asked to stop or diverged."""
         asked = losses.new_tensor([float(stop.signum is not None)])
         *means, asked = mean_over_ranks(torch.cat([losses, asked])).tolist()
         check_finite(means[0])
@@ -532,15 +569,15 @@ def train(cfg, saved, rank, world_size, device):
                   leave=False, dynamic_ncols=True, mininterval=1.0, disable=not master) as bar:
             while epoch_step < last:
                 x = data.to_float(train_images[batches[epoch_step]])
-                losses = train_step(x, lr_at(step, total_steps, cfg))  # [loss, recon, mmd, kl]
+                losses = train_step(x, lr_at(step, total_steps, cfg))  # [loss, *TERMS]
                 # Summed on the device: reading a value back would stall the GPU every step.
                 running += losses
                 step, epoch_step = step + 1, epoch_step + 1
                 bar.update(1)
                 if step % cfg["log_interval"] == 0:
-                    loss, recon, mmd_term, kl = sync(losses)
+                    loss, recon, mmd_term, kl, pixel = sync(losses)
                     bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", mmd=f"{mmd_term:.2e}", kl=f"{kl:.2f}",
-                                    refresh=False)
+                                    pixel_mmd=f"{pixel:.2e}", refresh=False)
                 if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
                     save_checkpoint()
 
@@ -549,12 +586,13 @@ def train(cfg, saved, rank, world_size, device):
         test = test_metrics(model, test_images, cfg)
         seconds = time.time() - started
         log_rows.append({"epoch": f"{epoch + epoch_step / steps_per_epoch:.4g}", "step": step, "seconds": f"{seconds:.1f}",
-                         **{f"train_{k}": f"{v:.6g}" for k, v in zip(("loss", "recon", "mmd", "kl"), means)},
+                         **{f"train_{k}": f"{v:.6g}" for k, v in zip(("loss", *TERMS), means)},
                          **{f"test_{k}": f"{v:.6g}" for k, v in test.items()}})
         if master:
             write_log(log_path, log_rows)
-            print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}) "
-                  f"| test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
+            print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}, "
+                  f"pixel_mmd {means[4]:.2e}) | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, "
+                  f"mse {test['mse']:.5f} | {seconds:.0f}s")
             with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
                 save_image(model.eval().decode(fixed_noise), tmp, nrow=8)
             model.train()

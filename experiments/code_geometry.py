@@ -14,7 +14,10 @@ Prints four measurements of one checkpoint (the README's "prior gap" section quo
      draws, for each bandwidth on its own, over 100 batches, in units of the spread it has when
      both sides are N(0, I) (a signal-to-noise ratio; below ~1 a batch cannot tell them apart);
   4. N(0, I) draws pushed through the autoencoder again (z -> encode(decode(z))): FID and IS
-     after each pass, the decoder's own pull back towards the codes it knows.
+     after each pass, the decoder's own pull back towards the codes it knows;
+  5. what an MMD in pixel space can see (train.py's pixel_mmd): MMD^2 of `batch_size` decoded
+     N(0, I) draws, and of as many reconstructions, against as many train images, per bandwidth
+     (in squared pixel distance), in units of its spread between two batches of train images.
 """
 import os
 import sys
@@ -117,6 +120,22 @@ def main(argv):
             m = evaluate.sample_metrics(classifier, in_batches(classifier.features, images), test_features)
             print(f"  {passes} passes: FID {m['fid']:.2f}, IS {m['is']:.2f}, coverage {m['coverage']:.1f}")
             z = in_batches(model.encode, images)
+
+    print(f"\nMMD^2 in pixel space against {batch} train images, 100 batches, per bandwidth (squared pixel distance):")
+    print("| bandwidth | reconstructions: signal / noise | decoded N(0, I) draws: signal / noise |")
+    print("|---|---|---|")
+    train_x = splits["train"][0]
+    batches = [[torch.randint(len(train_x), (batch,), generator=generator) for _ in range(3)] for _ in range(100)]
+    with torch.no_grad():
+        flat = [(data.to_float(train_x[a]).flatten(1), data.to_float(train_x[b]).flatten(1),
+                 model.decode(model.encode(data.to_float(train_x[c]))).flatten(1),
+                 model.decode(torch.randn(batch, dim, generator=generator)).flatten(1)) for a, b, c in batches]
+    for bandwidth in (10.0, 30.0, 100.0, 300.0):
+        def mean_sd(which):
+            values = torch.tensor([mmd(f[which], f[0], bandwidth=bandwidth).item() for f in flat])
+            return values.mean(), values.std()
+        null_mean, null_sd = mean_sd(1)
+        print(f"| {bandwidth:g} | {(mean_sd(2)[0] - null_mean) / null_sd:.2f} | {(mean_sd(3)[0] - null_mean) / null_sd:.2f} |")
 
 
 if __name__ == "__main__":

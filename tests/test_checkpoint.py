@@ -138,6 +138,21 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
     assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 210
 
 
+def test_a_checkpoint_from_before_the_pixel_mmd_resumes_as_it_was_trained(trained, tmp_path, mnist_dir):
+    # Made before the option existed: no pixel_mmd settings in its config, four running sums instead of five.
+    old = torch.load(trained / "ckpt.pt", weights_only=True)
+    for name in ("pixel_mmd_weight", "pixel_kernel_scales"):
+        del old["config"][name]
+    old["running"] = old["running"][:4]
+    (tmp_path / "run").mkdir()
+    torch.save(old, tmp_path / "run" / "ckpt.pt")
+    result = run_script("train.py", f"--out_dir={tmp_path / 'run'}", "--resume=True", "--max_steps=205",
+                        f"--data_dir={mnist_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = checkpoint.load(str(tmp_path / "run" / "ckpt.pt"))
+    assert resumed["step"] == 205 and resumed["config"]["pixel_mmd_weight"] == 0.0
+
+
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):
     result = run_script("train.py", *TINY, "--lr=1e6", "--ckpt_interval=1", "--max_steps=300",
                         f"--out_dir={tmp_path}", f"--data_dir={mnist_dir}")
