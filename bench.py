@@ -95,11 +95,23 @@ def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compi
     return step
 
 
+def naive_loss(model, x, cfg):
+    """train.py's default loss (BCE, Gaussian-kernel MMDs, no KL) with the expanded MMD, in fp32."""
+    logits, z, _, _ = model(x)
+    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
+    loss = recon + cfg["mmd_weight"] * mmd_expanded(z, torch.randn_like(z), train.parse_scales(cfg["kernel_scales"]),
+                                                    2.0 * z.shape[1])
+    if cfg["pixel_mmd_weight"] > 0:
+        drawn = torch.sigmoid(model.decode_logits(torch.randn_like(z)))
+        loss = loss + cfg["pixel_mmd_weight"] * mmd_expanded(
+            drawn.flatten(1), x.flatten(1), train.parse_scales(cfg["pixel_kernel_scales"]), 1.0)
+    return loss
+
+
 def naive_step(images, device, cfg):
     """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32."""
     model = default_model(device, cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    scales = train.parse_scales(cfg["kernel_scales"])
     dataset = TensorDataset(images.cpu().float().div(255).unsqueeze(1))
     batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
 
@@ -110,10 +122,7 @@ def naive_step(images, device, cfg):
         except StopIteration:
             batches[0] = iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))
             (x,) = next(batches[0])
-        x = x.to(device)
-        logits, z, _, _ = model(x)
-        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
-        loss = recon + cfg["mmd_weight"] * mmd_expanded(z, torch.randn_like(z), scales, 2.0 * z.shape[1])
+        loss = naive_loss(model, x.to(device), cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

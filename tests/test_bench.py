@@ -19,6 +19,19 @@ def test_naive_mmd_is_the_same_statistic_as_ours():
     assert torch.allclose(bench.mmd_expanded(x, y, scales, 2.0 * 16), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("pixel_mmd_weight", [0.0, 100.0])
+def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight):
+    cfg = {**train.DEFAULTS, "pixel_mmd_weight": pixel_mmd_weight}
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16)
+    x = torch.rand(20, 1, 28, 28)
+    torch.manual_seed(0)  # the same prior draws for both
+    ours, terms = train.compute_loss(model, x, cfg)
+    torch.manual_seed(0)
+    naive = bench.naive_loss(model, x, cfg)
+    assert (terms["pixel_mmd"] > 0) == (pixel_mmd_weight > 0)
+    torch.testing.assert_close(naive, ours, rtol=1e-5, atol=1e-4)
+
+
 def hand_count(latent_dim, c, hidden):
     """Multiply-adds of one image through model.py's layers, from their shapes."""
     conv1 = 14 * 14 * c * (1 * 4 * 4)          # each output value reads a 1 x 4 x 4 patch
