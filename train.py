@@ -66,8 +66,6 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 # Options a resumed run may change; the rest define the model and its loss.
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
-# What a checkpoint saved before an option existed was trained with, where that is not today's default.
-BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -156,10 +154,11 @@ def pixel_mmd(model, x, global_batch, cfg, gather=None):
     samples must match the data (Li, Swersky & Zemel, "Generative Moment Matching Networks", 2015).
     Only the decoder learns from it. Under torchrun every rank draws the whole batch's prior draws
     (the same on every rank), decodes its share, and the MMD is over all ranks' images."""
-    draws = torch.randn(global_batch, model_of(model).latent_dim, device=x.device)
+    vae = model_of(model)
+    draws = torch.randn(global_batch, vae.latent_dim, device=x.device)
     if gather is not None:
         draws = draws.chunk(dist.get_world_size())[dist.get_rank()]
-    drawn = torch.sigmoid(model_of(model).decode_logits(draws)).float().flatten(1)
+    drawn = torch.sigmoid(vae.decode_logits(draws)).float().flatten(1)
     real = x.float().flatten(1)
     if gather is not None:
         drawn, real = gather(drawn), gather(real)
@@ -217,7 +216,7 @@ def resume_config(saved, cfg, given, verbose=True):
         require(k not in DEFAULTS or type(v) is type(DEFAULTS[k]),
                 f"the checkpoint's config has {k}={v!r}, not a {type(DEFAULTS[k]).__name__}: it is damaged; "
                 f"start afresh with --overwrite=True, or restore it from a backup")
-    merged = {**DEFAULTS, **BEFORE_OPTIONS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
+    merged = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
     for name in sorted(given):
         if cfg[name] == merged[name]:
             continue

@@ -140,6 +140,7 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
 
 def test_a_checkpoint_from_before_the_pixel_mmd_resumes_as_it_was_trained(trained, tmp_path, mnist_dir):
     # Made before the option existed: no pixel_mmd settings in its config, four running sums instead of five.
+    # It resumes with the term off, as it was trained, whatever train.py's default becomes.
     old = torch.load(trained / "ckpt.pt", weights_only=True)
     for name in ("pixel_mmd_weight", "pixel_kernel_scales"):
         del old["config"][name]
