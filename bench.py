@@ -4,6 +4,7 @@
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
     python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
+    python bench.py --pixel_mmd_weight=0   # the loss without the pixel MMD (the default before it)
 
   train       images/s and ms per step of the model and batch size (train.py's) through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
@@ -34,8 +35,9 @@ import train
 from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
 
-# The model's shape and the batch size default to train.py's; override them to time another shape.
-SHAPE = ("latent_dim", "channels", "hidden", "batch_size")
+# The model's shape, the batch size and the pixel MMD's weight default to train.py's; override them to
+# time another shape, or the loss without that term.
+SHAPE = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight")
 DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in SHAPE})
 
 
