@@ -35,10 +35,10 @@ import train
 from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
 
-# The model's shape, the batch size and the pixel MMD's weight default to train.py's; override them to
-# time another shape, or the loss without that term.
-SHAPE = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight")
-DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in SHAPE})
+# train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
+# the pixel MMD's weight (to time the loss without that term).
+TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight")
+DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
 
 
 def sync(device):
@@ -230,12 +230,12 @@ def time_mmd(form, n, d, device, repeats):
     return seconds, max(peak, 0)
 
 
-def bench(device, quick, data_dir, shape):
-    cfg = {**train.DEFAULTS, **shape}
+def bench(device, quick, data_dir, train_options):
+    cfg = {**train.DEFAULTS, **train_options}
     train.validate(cfg)
     repeats, steps = (3, 5) if quick else (7, 10)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)",
-               "torch": torch.__version__, **shape}
+               "torch": torch.__version__, **train_options}
     images = data.load(cfg["dataset"], data_dir, device)["train"][0]
     train.speed_settings(device)
 
@@ -294,7 +294,7 @@ def bench(device, quick, data_dir, shape):
 def print_table(r):
     t = r["train"]
     print(f"device: {r['device']}, torch {r['torch']}, {r['precision']}, model latent {r['latent_dim']} channels {r['channels']} "
-          f"hidden {r['hidden']}, batch {r['batch_size']}")
+          f"hidden {r['hidden']}, batch {r['batch_size']}, pixel_mmd_weight {r.get('pixel_mmd_weight', 0.0)}")  # absent: made before the option
     print(f"train   ours  {t['ours_images_per_s']:9.0f} images/s  {t['ours_ms_per_step']:7.2f} ms/step")
     print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   ours/naive {t['ratio']:.2f}x")
     if "one_thread" in r:
@@ -316,7 +316,7 @@ def print_table(r):
 
 def main(argv):
     cfg, _ = parse_overrides(DEFAULTS, argv, "bench.py")
-    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"], {k: cfg[k] for k in SHAPE})
+    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"], {k: cfg[k] for k in TRAIN_OPTIONS})
     print_results(results, cfg["json"], print_table)
 
 
