@@ -27,6 +27,11 @@ import data
 from cli import UserError, require
 
 COV_FLOOR = 1e-4   # least variance of a component in any direction; codes are on the prior's unit scale
+# EM stops when the mean log-likelihood per code gains less than this in an iteration. On two
+# default runs' codes (60 components), 1e-3 stopped after 44 and 46 iterations instead of 162
+# and 105 at 1e-4, 3.9x and 2.1x faster, within 0.07 nats of the log-likelihood and at the same
+# sample FID (5.66 and 5.55 against 6.08 and 5.36; README: the prior gap, sixth round).
+STOP_GAIN = 1e-3
 
 
 def _outer(codes):
@@ -95,7 +100,7 @@ def _maximize(codes, outer, resp, cov_floor):
     return counts / len(codes), means, scale_tril
 
 
-def fit_gmm(codes, components, seed=0, max_iters=300, tol=1e-4, cov_floor=COV_FLOOR):
+def fit_gmm(codes, components, seed=0, max_iters=300, tol=STOP_GAIN, cov_floor=COV_FLOOR):
     """Fit a K-component full-covariance Gaussian mixture to codes (N, D) by EM.
 
     Starts from k-means++ means (seeded) with hard assignments to the nearest mean, and
