@@ -1,11 +1,13 @@
 """How many Gaussians the ex-post prior needs: fit each count to one checkpoint's train codes.
 
     python experiments/prior_components.py --checkpoint=out/ckpt.pt --components=1,10,20,40,80,160
+    python experiments/prior_components.py --components=60 --stop_gains=1e-4,1e-3   # when EM may stop
 
-For each count: the fit's time and iterations, the held-out log-likelihood of the test
-codes, and evaluate.py's FID, IS, coverage and copy check of 10,000 decoded draws.
-More components fit the train codes ever more closely; the copy check and the test
-log-likelihood say when that turns into reproducing the training set.
+For each count (and each gain below which EM stops, prior.STOP_GAIN unless given): the
+fit's time and iterations, the held-out log-likelihood of the test codes, and evaluate.py's
+FID, IS, coverage and copy check of 10,000 decoded draws. More components fit the train
+codes ever more closely; the copy check and the test log-likelihood say when that turns
+into reproducing the training set.
 """
 import os
 import sys
@@ -19,11 +21,14 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import prior  # noqa: E402
 from cli import parse_overrides, run  # noqa: E402
+from train import parse_scales  # noqa: E402
 
 
 def main(argv):
-    cfg, _ = parse_overrides({"checkpoint": "out/ckpt.pt", "components": "1,10,20,40,80,160", "num_samples": 10000},
+    cfg, _ = parse_overrides({"checkpoint": "out/ckpt.pt", "components": "1,10,20,40,80,160", "num_samples": 10000,
+                              "stop_gains": str(prior.STOP_GAIN)},
                              argv, "experiments/prior_components.py")
+    gains = parse_scales(cfg["stop_gains"], "stop_gains")  # positive, finite, comma-separated
     model, ckpt = checkpoint.load_model(cfg["checkpoint"])
     splits = data.load(ckpt["config"]["dataset"], ckpt["config"]["data_dir"])
     classifier, _ = evaluate.load_classifier(ckpt["config"]["dataset"], ckpt["config"]["data_dir"], splits, "cpu")
@@ -34,18 +39,18 @@ def main(argv):
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     copy_test = evaluate.nearest_train_distance(test_x[:2000], train_flat).median().item()
     print(f"{cfg['checkpoint']}: real test images' median distance to the nearest training image {copy_test:.3f}")
-    print("| components | fit s | EM iterations | train LL | test LL | FID | IS | coverage | nearest train |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for k in (int(c) for c in cfg["components"].split(",")):
+    print("| components | stop gain | fit s | EM iterations | train LL | test LL | FID | IS | coverage | nearest train |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, gain in ((int(c), g) for c in cfg["components"].split(",") for g in gains):
         started = time.time()
-        gmm = prior.fit_gmm(train_codes, k, seed=ckpt["config"]["seed"])
+        gmm = prior.fit_gmm(train_codes, k, seed=ckpt["config"]["seed"], tol=gain)
         seconds = time.time() - started
         with torch.no_grad():
             z = prior.sample_gmm(gmm, cfg["num_samples"], torch.Generator().manual_seed(0))
             images = evaluate.in_batches(model.decode, z)
         m = evaluate.sample_metrics(classifier, evaluate.in_batches(classifier.features, images), test_features)
         copy = evaluate.nearest_train_distance(images[:2000], train_flat).median().item()
-        print(f"| {k} | {seconds:.1f} | {gmm['iterations']} | {gmm['log_likelihood']:.3f} | "
+        print(f"| {k} | {gain:g} | {seconds:.1f} | {gmm['iterations']} | {gmm['log_likelihood']:.3f} | "
               f"{prior.log_likelihood(gmm, test_codes):.3f} | {m['fid']:.2f} | {m['is']:.2f} | {m['coverage']:.1f} | "
               f"{copy:.3f} |", flush=True)
 
