@@ -97,6 +97,19 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path, mnist_dir):
+    # Its end-of-run test pass draws prior samples; the resumed run must not see that in its own draws.
+    # (No lr decay: the cosine schedule spans max_steps, so a cap is meant to change it.)
+    run = [*TINY, "--lr_decay=False", f"--data_dir={mnist_dir}"]
+    capped, reference = tmp_path / "capped", tmp_path / "uncapped"
+    for args in (["--max_steps=20"], ["--max_steps=30", "--resume=True"]):
+        result = run_script("train.py", *run, *args, f"--out_dir={capped}")
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("train.py", *run, "--max_steps=30", f"--out_dir={reference}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_weights(weights(capped / "ckpt.pt"), weights(reference / "ckpt.pt"))
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_status(tmp_path, mnist_dir, signum, status):
     process = start_training(tmp_path, f"--data_dir={mnist_dir}", "--max_steps=100000", "--ckpt_interval=0")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import train
 from conftest import REPO, TINY, assert_user_error
 
 # Two ranks of 16 images against one process of 32, in float32 so that only summation order differs.
@@ -127,7 +128,7 @@ def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tm
     assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "log.csv", "losses.png", "samples_epoch1.png"]
     assert len((tmp_path / "two" / "log.csv").read_text().splitlines()) == 2
     assert stdout.count("training on") == 1 and stdout.count("epoch 1:") == 1 and "2 ranks of 16 images" in stdout
-    assert stderr.count("epoch 1/30:   0%") <= 1
+    assert stderr.count(f"epoch 1/{train.DEFAULTS['epochs']}:   0%") == 1  # one progress bar, rank 0's
 
 
 def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tmp_path, mnist_dir):
@@ -144,11 +145,16 @@ def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tm
     saved = checkpoint.load(str(stopped / "ckpt.pt"))
     assert saved["world_size"] == 2 and 0 < saved["step"] < 1875
 
-    # Continue to 10 steps past the stop with one process; compare with one process that never stopped.
+    # Continue to 10 steps past the stop with one process, and compare with 2 ranks that stopped at the same
+    # step by --max_steps and were continued the same way. (Not with one process all along: 2 ranks and 1 process
+    # differ only in summation order, but that drift grows with the steps, from 1e-7 after 10 steps to about 2e-5
+    # after 100, and the signal lands at a step the machine's speed decides.)
     end = f"--max_steps={saved['step'] + 10}"
     result = one_process(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={stopped}")
     assert "saved by 2 ranks, now 1" in result.stdout
-    one_process(*RUN, end, f"--data_dir={mnist_dir}", f"--out_dir={reference}")
+    process = torchrun(*RUN, f"--max_steps={saved['step']}", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
+    assert process.wait(timeout=300) == 0
+    one_process(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
     assert largest_weight_difference(stopped, reference) < SAME_RUN
 
 
