@@ -585,9 +585,9 @@ def train(cfg, saved, rank, world_size, device):
         means = sync(running / epoch_step)
         # Every rank evaluates (the test MMD's prior draws keep all ranks' random streams in step). A run that
         # max_steps ends mid-epoch then puts its random state back: resumed, it draws what an uncapped run draws.
-        before_test = checkpoint.rng_states(device)
+        before_test = checkpoint.rng_states(device) if epoch_step < steps_per_epoch else None
         test = test_metrics(model, test_images, cfg)
-        if epoch_step < steps_per_epoch:
+        if before_test is not None:
             checkpoint.set_rng_states(before_test, device)
         seconds = time.time() - started
         log_rows.append({"epoch": f"{epoch + epoch_step / steps_per_epoch:.4g}", "step": step, "seconds": f"{seconds:.1f}",
