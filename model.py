@@ -9,7 +9,8 @@ arXiv:1706.02262; ermongroup.github.io/blog/a-tutorial-on-mmd-variational-autoen
 Widths are constructor arguments: a small network trains in minutes on a laptop
 CPU, a wide one fills a GPU. With stochastic=True the encoder outputs a Gaussian
 q(z|x) = N(mu, diag(exp(logvar))) and samples it by reparameterisation, so the
-ELBO-VAE baseline and InfoVAE mixes share this module.
+ELBO-VAE baseline and InfoVAE mixes share this module. With critic=True it also holds
+the critic that train.py's adv_weight trains against the decoder; sampling never uses it.
 
     model = MMDVAE(latent_dim=8)
     z = model.encode(x)           # x: (N, 1, 28, 28) in [0, 1] -> (N, latent_dim)
@@ -21,14 +22,15 @@ from torch import nn
 
 
 class MMDVAE(nn.Module):
-    def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False):
+    def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False, critic=False):
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("channels", channels), ("hidden", hidden)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.latent_dim, self.stochastic = latent_dim, bool(stochastic)
         # The arguments that rebuild this exact network; saved in every checkpoint.
-        self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic)
+        self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic,
+                               critic=bool(critic))
         c = channels
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.1),       # 28 -> 14
@@ -45,6 +47,13 @@ class MMDVAE(nn.Module):
             nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),  # 7 -> 14
             nn.ConvTranspose2d(c, 1, 4, stride=2, padding=1),                 # 14 -> 28, logits
         )
+        # A logit per image: real digit (> 0) or decoded prior draw (< 0). The encoder's convolutions,
+        # then one linear layer (DCGAN's discriminator, with a LeakyReLU slope of 0.2).
+        self.critic = nn.Sequential(
+            nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Flatten(), nn.Linear(2 * c * 7 * 7, 1),
+        ) if critic else None
 
     def encode_distribution(self, x):
         """(mu, logvar) of q(z|x); logvar is None for the deterministic encoder."""

@@ -10,6 +10,8 @@ Loss per image (Zhao, Song & Ermon, "InfoVAE", arXiv:1706.02262):
     reconstruction  -log p(x|z), summed over the 784 pixels
   + mmd_weight * MMD^2(q(z), p(z))        aggregate posterior vs prior N(0, I)
   + kl_weight  * KL(q(z|x) || p(z))       the ELBO's term, per image
+  + pixel_mmd_weight * MMD^2(decoded N(0, I) draws, the batch's images), in pixel space
+  + adv_weight * -log sigmoid(critic(decoded draw))   a critic's verdict on the draws (off by default)
 kl_weight=0 is the pure MMD-VAE; kl_weight=1, mmd_weight=0 is the ELBO-VAE.
 
 Each epoch writes {out_dir}/ckpt.pt, a row of {out_dir}/log.csv and a grid of
@@ -48,6 +50,8 @@ kernel_scales = "0.1,0.2,0.5"  # comma-separated bandwidth multipliers of 2*late
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
 pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space; N(0, I) FID -20% (README: the prior gap)
 pixel_kernel_scales = "10,30,100"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart)
+adv_weight = 0.0             # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic (README: the prior gap)
+critic_lr = 2e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN); decays with lr
 # ex-post prior (prior.py)
 prior_components = 60        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
 # optimizer
@@ -108,9 +112,10 @@ def parse_scales(text, name="kernel_scales"):
 def validate(cfg):
     for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
-    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "pixel_mmd_weight", "prior_components"):
+    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "pixel_mmd_weight", "adv_weight", "prior_components"):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
-    require(cfg["lr"] > 0, f"--lr={cfg['lr']} must be positive")
+    for name in ("lr", "critic_lr"):
+        require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
     require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
     require(cfg["dataset"] in data.DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(data.DATASETS)}")
     require(cfg["kernel"] in KERNELS, f"unknown kernel {cfg['kernel']!r}; choose one of {', '.join(KERNELS)}")
@@ -124,8 +129,11 @@ def validate(cfg):
 
 
 def compute_loss(model, x, cfg, gather=None):
-    """(total loss, {"recon", "mmd", "kl", "pixel_mmd"}) for a batch x in [0, 1]; every term is per image.
+    """(total loss, {"recon", "mmd", "kl", "pixel_mmd", "adv", "critic"}) for a batch x in [0, 1]; every term is per image.
 
+    The total is the encoder's and decoder's loss. "critic" is the critic's own loss (0 without one):
+    it depends on the critic's weights alone, and they on nothing else, so one backward pass of
+    total + critic trains both sides (make_train_step).
     gather: under torchrun, gather_codes, so that the MMD is over the codes of the whole global batch."""
     logits, z, mu, logvar = model(x)
     n = x.shape[0]
@@ -142,31 +150,60 @@ def compute_loss(model, x, cfg, gather=None):
                        estimator=cfg["mmd_estimator"]) if cfg["mmd_weight"] > 0 else zero
     # KL(N(mu, sigma^2) || N(0, 1)) in closed form (Kingma & Welling, 2014, appendix B).
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n if cfg["kl_weight"] > 0 else zero
-    pixel_term = pixel_mmd(model, x, z.shape[0], cfg, gather) if cfg["pixel_mmd_weight"] > 0 else zero
-    loss = recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl + cfg["pixel_mmd_weight"] * pixel_term
-    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl, "pixel_mmd": pixel_term}
+    pixel_term, adv, critic_loss = zero, zero, zero
+    if cfg["pixel_mmd_weight"] > 0 or cfg["adv_weight"] > 0:
+        drawn = decode_prior_draws(model, x, z.shape[0], gather)
+        if cfg["pixel_mmd_weight"] > 0:
+            pixel_term = pixel_mmd(drawn, x, cfg, gather)
+        if cfg["adv_weight"] > 0:
+            adv, critic_loss = adversarial(model_of(model).critic, drawn, x.float())
+    loss = (recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl + cfg["pixel_mmd_weight"] * pixel_term
+            + cfg["adv_weight"] * adv)
+    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl, "pixel_mmd": pixel_term, "adv": adv, "critic": critic_loss}
 
 
-def pixel_mmd(model, x, global_batch, cfg, gather=None):
-    """MMD^2 between as many decoded N(0, I) draws as the batch has images, and those images, in pixel space.
+def decode_prior_draws(model, x, global_batch, gather=None):
+    """As many decoded N(0, I) draws as the (global) batch has images, as this rank's (N, 1, 28, 28) float32 share.
+
+    Under torchrun every rank draws the whole batch's prior draws (the same on every rank) and
+    decodes its slice of them."""
+    vae = model_of(model)
+    draws = torch.randn(global_batch, vae.latent_dim, device=x.device)
+    if gather is not None:
+        draws = draws.chunk(dist.get_world_size())[dist.get_rank()]
+    return torch.sigmoid(vae.decode_logits(draws)).float()
+
+
+def pixel_mmd(drawn, x, cfg, gather=None):
+    """MMD^2 between decoded N(0, I) draws and as many of the batch's images, in pixel space.
 
     The latent MMD matches q(z) to N(0, I) only at the scales a batch of codes can see, so most
     prior draws land between the digits' clusters of codes, where the decoder, never asked about
     them, draws blends (README: the prior gap). This term asks it about them: the decoder's own
     samples must match the data (Li, Swersky & Zemel, "Generative Moment Matching Networks", 2015).
-    Only the decoder learns from it. Under torchrun every rank draws the whole batch's prior draws
-    (the same on every rank), decodes its share, and the MMD is over all ranks' images."""
-    vae = model_of(model)
-    draws = torch.randn(global_batch, vae.latent_dim, device=x.device)
-    if gather is not None:
-        draws = draws.chunk(dist.get_world_size())[dist.get_rank()]
-    drawn = torch.sigmoid(vae.decode_logits(draws)).float().flatten(1)
-    real = x.float().flatten(1)
+    Only the decoder learns from it. Under torchrun the MMD is over all ranks' images."""
+    drawn, real = drawn.flatten(1), x.float().flatten(1)
     if gather is not None:
         drawn, real = gather(drawn), gather(real)
     with torch.autocast(x.device.type, enabled=False):
         return mmd(drawn, real, "gaussian", parse_scales(cfg["pixel_kernel_scales"]), bandwidth=1.0,
                    estimator=cfg["mmd_estimator"])
+
+
+def adversarial(critic, drawn, real):
+    """(the decoder's loss, the critic's loss): the non-saturating GAN losses (Goodfellow et al., 2014).
+
+    The pixel MMD's kernel, at a batch of 100, no longer tells the decoded draws from the data
+    (README: the prior gap); a critic learns the features that do. The critic learns to score the
+    batch's images above the decoded draws; the decoder learns to draw what it scores as real. Each
+    side's loss reaches only its own weights: the decoder's goes through a detached copy of the
+    critic, the critic's sees detached draws. Both are means over images, so under torchrun each
+    rank's, averaged by DDP, is the one-process loss."""
+    frozen = {name: p.detach() for name, p in critic.named_parameters()}
+    fooled = F.softplus(-torch.func.functional_call(critic, frozen, (drawn,))).mean()
+    scores = critic(torch.cat([real, drawn.detach()])).float()
+    critic_loss = F.softplus(-scores[:len(real)]).mean() + F.softplus(scores[len(real):]).mean()
+    return fooled, critic_loss
 
 
 def model_of(model):
@@ -243,7 +280,7 @@ def check_writable(folder):
         raise UserError(f"cannot write to --out_dir={folder} ({e.strerror}); choose a writable folder with free space") from None
 
 
-TERMS = ("recon", "mmd", "kl", "pixel_mmd")  # the loss's terms, as compute_loss names them
+TERMS = ("recon", "mmd", "kl", "pixel_mmd", "adv", "critic")  # the loss's terms, as compute_loss names them
 LOG_FIELDS = ["epoch", "step", "seconds", *(f"{split}_{k}" for split in ("train", "test") for k in ("loss", *TERMS)),
               "test_mse"]
 
@@ -300,12 +337,17 @@ def precision_name(device, precision):
 
 
 def make_model(cfg, device):
-    return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"]).to(device)
+    return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"],
+                  critic=cfg["adv_weight"] > 0).to(device)
 
 
 def make_optimizer(model, cfg, device):
+    """Adam over the encoder and decoder and, in its own group, the critic (lr_scale: its share of `lr`)."""
+    groups = [{"params": [p for name, p in model.named_parameters() if not name.startswith("critic.")]}]
+    if model.critic is not None:
+        groups.append({"params": model.critic.parameters(), "betas": (0.5, 0.999), "lr_scale": cfg["critic_lr"] / cfg["lr"]})
     # Fused Adam: one kernel for all parameters instead of several per tensor (bench.py: 1.1x on CPU).
-    return torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type in ("cpu", "cuda") or None)
+    return torch.optim.Adam(groups, lr=cfg["lr"], fused=device.type in ("cpu", "cuda") or None)
 
 
 def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
@@ -322,13 +364,13 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
                             cache_enabled=not use_graph):
             loss, terms = loss_fn(model, x, cfg)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + terms["critic"]).backward()  # the critic's loss reaches only the critic (compute_loss)
         optimizer.step()
         return torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS)])
 
     def eager_step(x, lr):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return eager(x)
 
     if not use_graph:
@@ -365,7 +407,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
     def graph_step(x, lr):
         static_x.copy_(x)
         for group in optimizer.param_groups:
-            group["lr"].fill_(lr)
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
         graph.replay()
         return static_out.clone()
     return graph_step
@@ -484,9 +526,9 @@ def train(cfg, saved, rank, world_size, device):
             optimizer.load_state_dict(saved["optimizer"])
             step, epoch, epoch_step = (int(saved[k]) for k in ("step", "epoch", "epoch_step"))
             running = saved["running"].to(device).reshape(-1)
-            if len(running) == len(TERMS):  # saved before the pixel MMD existed: its sum is 0
-                running = torch.cat([running, running.new_zeros(1)])
-            running = running.reshape(1 + len(TERMS))
+            # Saved before the later terms existed (4 sums before the pixel MMD, 5 before the critic): theirs are 0.
+            require(len(running) in (4, 5, 1 + len(TERMS)), f"{len(running)} running sums")
+            running = torch.cat([running, running.new_zeros(1 + len(TERMS) - len(running))]).reshape(1 + len(TERMS))
             checkpoint.set_rng_states(saved["rng"], device)
             require(0 <= epoch_step <= steps_per_epoch and step >= 0 and running.isfinite().all(), "counters out of range")
         except Exception as e:  # a checkpoint from elsewhere, or damaged: the weights load but the rest does not
@@ -547,13 +589,13 @@ def train(cfg, saved, rank, world_size, device):
             raise UserError(f"training diverged: the loss or the weights became {loss} by step {step}; "
                             f"{ckpt_path} (if any) holds the last good checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
                             f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']}, "
-                            f"pixel_mmd_weight={cfg['pixel_mmd_weight']})")
+                            f"pixel_mmd_weight={cfg['pixel_mmd_weight']}, adv_weight={cfg['adv_weight']})")
 
     def sync(losses):
         """[loss, *TERMS] averaged over ranks; stops every rank if any was asked to stop or diverged."""
         asked = losses.new_tensor([float(stop.signum is not None)])
         *means, asked = mean_over_ranks(torch.cat([losses, asked])).tolist()
-        check_finite(means[0])
+        check_finite(means[0] if all(map(math.isfinite, means)) else math.nan)  # the critic's loss too
         if asked:
             signum = stop.signum or signal.SIGTERM  # torchrun forwards a signal to every rank; one is enough
             save_checkpoint()
@@ -576,9 +618,10 @@ def train(cfg, saved, rank, world_size, device):
                 step, epoch_step = step + 1, epoch_step + 1
                 bar.update(1)
                 if step % cfg["log_interval"] == 0:
-                    loss, recon, mmd_term, kl, pixel = sync(losses)
+                    loss, recon, mmd_term, kl, pixel, adv, critic = sync(losses)
                     bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", mmd=f"{mmd_term:.2e}", kl=f"{kl:.2f}",
-                                    pixel_mmd=f"{pixel:.2e}", refresh=False)
+                                    pixel_mmd=f"{pixel:.2e}", refresh=False,
+                                    **({"adv": f"{adv:.2f}", "critic": f"{critic:.2f}"} if cfg["adv_weight"] else {}))
                 if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
                     save_checkpoint()
 
@@ -596,7 +639,8 @@ def train(cfg, saved, rank, world_size, device):
         if master:
             write_log(log_path, log_rows)
             print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}, "
-                  f"pixel_mmd {means[4]:.2e}) | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, "
+                  f"pixel_mmd {means[4]:.2e}" + (f", adv {means[5]:.2f}, critic {means[6]:.2f}" if cfg["adv_weight"] else "")
+                  + f") | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, "
                   f"mse {test['mse']:.5f} | {seconds:.0f}s")
             with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
                 save_image(model.eval().decode(fixed_noise), tmp, nrow=8)

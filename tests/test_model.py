@@ -1,4 +1,6 @@
 """The encoder/decoder interface other scripts rely on, and that training moves the loss."""
+import math
+
 import pytest
 import torch
 
@@ -48,11 +50,12 @@ def test_rejects_non_positive_widths(bad):
     {"mmd_weight": 0.0, "kl_weight": 1.0, "stochastic_encoder": True},   # ELBO-VAE
     {"kernel": "imq", "kernel_scales": "0.5,1,2", "recon_loss": "mse"},
     {"pixel_mmd_weight": 300.0},                                         # decoded prior draws vs images
+    {"adv_weight": 10.0},                                                # and a critic's verdict on them
 ])
 def test_one_optimiser_step_lowers_the_loss(overrides):
     cfg = {**train.DEFAULTS, **overrides}
     torch.manual_seed(0)
-    model = MMDVAE(latent_dim=4, channels=8, hidden=64, stochastic=cfg["stochastic_encoder"])
+    model = MMDVAE(latent_dim=4, channels=8, hidden=64, stochastic=cfg["stochastic_encoder"], critic=cfg["adv_weight"] > 0)
     x = torch.rand(32, 1, 28, 28).round()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -83,14 +86,52 @@ def test_the_pixel_mmd_trains_the_decoder_only_and_sees_blank_samples():
     model = MMDVAE(latent_dim=4, channels=4, hidden=16)
     x = (torch.rand(32, 1, 28, 28) > 0.8).float()
     cfg = {**train.DEFAULTS, "pixel_mmd_weight": 1.0}
-    train.pixel_mmd(model, x, len(x), cfg).backward()
+    train.pixel_mmd(train.decode_prior_draws(model, x, len(x)), x, cfg).backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
     # A decoder that draws the data's own kind of image scores lower than one that draws blanks.
     with torch.no_grad():
         model.decoder[-1].bias.fill_(-20.0)
         model.decoder[-1].weight.zero_()
-        blank = train.pixel_mmd(model, x, len(x), cfg)
+        blank = train.pixel_mmd(train.decode_prior_draws(model, x, len(x)), x, cfg)
     data_like = train.mmd(x[:16].flatten(1), x[16:].flatten(1), scales=train.parse_scales(cfg["pixel_kernel_scales"]),
                           bandwidth=1.0)
     assert blank > 0.1 and abs(data_like) < blank / 10
+
+
+def test_the_decoder_and_the_critic_each_learn_from_their_own_adversarial_loss_only():
+    torch.manual_seed(0)
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, critic=True)
+    x = (torch.rand(32, 1, 28, 28) > 0.8).float()
+
+    def grads(part):
+        return [p.grad for p in part.parameters()]
+
+    fooled, critic_loss = train.adversarial(model.critic, train.decode_prior_draws(model, x, len(x)), x)
+    fooled.backward(retain_graph=True)
+    assert all(g is None for g in grads(model.encoder) + grads(model.critic))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.decoder))
+    model.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    assert all(g is None for g in grads(model.encoder) + grads(model.decoder))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(model.critic))
+
+
+def test_the_critic_learns_to_tell_the_data_from_blank_draws_and_the_decoder_then_pays_for_them():
+    torch.manual_seed(0)
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, critic=True)
+    x = (torch.rand(32, 1, 28, 28) > 0.8).float()
+    with torch.no_grad():  # a decoder that draws only blanks
+        model.decoder[-1].bias.fill_(-20.0)
+        model.decoder[-1].weight.zero_()
+    optimizer = torch.optim.Adam(model.critic.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    losses = []
+    for _ in range(30):
+        fooled, critic_loss = train.adversarial(model.critic, train.decode_prior_draws(model, x, len(x)), x)
+        losses.append((fooled.item(), critic_loss.item()))
+        optimizer.zero_grad()
+        critic_loss.backward()
+        optimizer.step()
+    # At the start the critic cannot tell them apart (both losses near log 2 and 2 log 2); then it can.
+    assert abs(losses[0][1] - 2 * math.log(2)) < 0.2 and losses[-1][1] < 0.1
+    assert losses[-1][0] > 3 * losses[0][0]
