@@ -98,22 +98,30 @@ def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compi
 
 
 def naive_loss(model, x, cfg):
-    """train.py's default loss (BCE, Gaussian-kernel MMDs, no KL) with the expanded MMD, in fp32."""
+    """train.py's default loss (BCE, Gaussian-kernel MMDs, no KL) with the expanded MMD, in fp32,
+    and the decoded prior draws (None without a pixel MMD or a critic)."""
     logits, z, _, _ = model(x)
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
     loss = recon + cfg["mmd_weight"] * mmd_expanded(z, torch.randn_like(z), train.parse_scales(cfg["kernel_scales"]),
                                                     2.0 * z.shape[1])
-    if cfg["pixel_mmd_weight"] > 0:
+    drawn = None
+    if cfg["pixel_mmd_weight"] > 0 or cfg["adv_weight"] > 0:
         drawn = torch.sigmoid(model.decode_logits(torch.randn_like(z)))
+    if cfg["pixel_mmd_weight"] > 0:
         loss = loss + cfg["pixel_mmd_weight"] * mmd_expanded(
             drawn.flatten(1), x.flatten(1), train.parse_scales(cfg["pixel_kernel_scales"]), 1.0)
-    return loss
+    return loss, drawn
 
 
 def naive_step(images, device, cfg):
-    """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32."""
+    """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32,
+    and the critic as in DCGAN: its own Adam and its own backward pass, before the decoder's."""
     model = default_model(device, cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if not name.startswith("critic.")],
+                                 lr=cfg["lr"])
+    critic = model.critic
+    if critic is not None:
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg["critic_lr"], betas=(0.5, 0.999))
     dataset = TensorDataset(images.cpu().float().div(255).unsqueeze(1))
     batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
 
@@ -124,7 +132,14 @@ def naive_step(images, device, cfg):
         except StopIteration:
             batches[0] = iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))
             (x,) = next(batches[0])
-        loss = naive_loss(model, x.to(device), cfg)
+        x = x.to(device)
+        loss, drawn = naive_loss(model, x, cfg)
+        if critic is not None:
+            critic_loss = F.softplus(-critic(x)).mean() + F.softplus(critic(drawn.detach())).mean()
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            critic_optimizer.step()
+            loss = loss + cfg["adv_weight"] * F.softplus(-critic(drawn)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

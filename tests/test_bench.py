@@ -1,6 +1,7 @@
 """bench.py compares like with like: the naive loop computes the same loss, the FLOP count is the model's."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
 import data
@@ -19,16 +20,20 @@ def test_naive_mmd_is_the_same_statistic_as_ours():
     assert torch.allclose(bench.mmd_expanded(x, y, scales, 2.0 * 16), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("pixel_mmd_weight", [0.0, 100.0])
-def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight):
-    cfg = {**train.DEFAULTS, "pixel_mmd_weight": pixel_mmd_weight}
-    model = MMDVAE(latent_dim=4, channels=4, hidden=16)
+@pytest.mark.parametrize("pixel_mmd_weight, adv_weight", [(0.0, 0.0), (100.0, 0.0), (100.0, 10.0)])
+def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight, adv_weight):
+    cfg = {**train.DEFAULTS, "pixel_mmd_weight": pixel_mmd_weight, "adv_weight": adv_weight}
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, critic=adv_weight > 0)
     x = torch.rand(20, 1, 28, 28)
     torch.manual_seed(0)  # the same prior draws for both
     ours, terms = train.compute_loss(model, x, cfg)
     torch.manual_seed(0)
-    naive = bench.naive_loss(model, x, cfg)
+    naive, drawn = bench.naive_loss(model, x, cfg)
     assert (terms["pixel_mmd"] > 0) == (pixel_mmd_weight > 0)
+    if adv_weight > 0:  # the naive loop's critic terms, as its step writes them
+        naive = naive + adv_weight * F.softplus(-model.critic(drawn)).mean()
+        naive_critic = F.softplus(-model.critic(x)).mean() + F.softplus(model.critic(drawn)).mean()
+        torch.testing.assert_close(naive_critic, terms["critic"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(naive, ours, rtol=1e-5, atol=1e-4)
 
 

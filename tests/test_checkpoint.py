@@ -32,7 +32,7 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
     for key in ("model", "model_args", "config", "optimizer", "epoch", "step", "epoch_step", "rng"):
         assert key in ckpt, key
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
-    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": False}
+    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True}
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
@@ -99,9 +99,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_
 
 def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path, mnist_dir):
     # Its end-of-run test pass draws prior samples; the resumed run must not see that in its own draws.
-    # (No lr decay: the cosine schedule spans max_steps, so a cap is meant to change it.) With the critic on,
-    # whose weights and Adam state must come back too.
-    run = [*TINY, "--lr_decay=False", "--adv_weight=10", f"--data_dir={mnist_dir}"]
+    # (No lr decay: the cosine schedule spans max_steps, so a cap is meant to change it.) The critic's
+    # weights and Adam state must come back too.
+    run = [*TINY, "--lr_decay=False", f"--data_dir={mnist_dir}"]
     capped, reference = tmp_path / "capped", tmp_path / "uncapped"
     for args in (["--max_steps=20"], ["--max_steps=30", "--resume=True"]):
         result = run_script("train.py", *run, *args, f"--out_dir={capped}")
@@ -152,18 +152,20 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
     assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 210
 
 
-def test_a_checkpoint_from_before_the_pixel_mmd_and_the_critic_resumes_as_it_was_trained(trained, tmp_path, mnist_dir):
-    # Made before the options existed: no pixel_mmd or critic settings in its config or model_args, four running
-    # sums instead of seven. It resumes with those terms off, as it was trained, whatever train.py's defaults become.
-    old = torch.load(trained / "ckpt.pt", weights_only=True)
+def test_a_checkpoint_from_before_the_pixel_mmd_and_the_critic_resumes_as_it_was_trained(tmp_path, mnist_dir):
+    # Made before the options existed: trained without those terms, and no pixel_mmd or critic settings in its
+    # config or model_args, four running sums instead of seven. It resumes with those terms off, as it was
+    # trained, though both are on by default now.
+    run = (*TINY, f"--out_dir={tmp_path / 'run'}", f"--data_dir={mnist_dir}")
+    result = run_script("train.py", *run, "--max_steps=200", "--pixel_mmd_weight=0", "--adv_weight=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     for name in ("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr"):
         del old["config"][name]
     del old["model_args"]["critic"]
     old["running"] = old["running"][:4]
-    (tmp_path / "run").mkdir()
     torch.save(old, tmp_path / "run" / "ckpt.pt")
-    result = run_script("train.py", f"--out_dir={tmp_path / 'run'}", "--resume=True", "--max_steps=205",
-                        f"--data_dir={mnist_dir}")
+    result = run_script("train.py", *run, "--resume=True", "--max_steps=205")
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = checkpoint.load(str(tmp_path / "run" / "ckpt.pt"))
     assert resumed["step"] == 205 and resumed["config"]["pixel_mmd_weight"] == 0.0 == resumed["config"]["adv_weight"]

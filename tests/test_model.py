@@ -46,11 +46,11 @@ def test_rejects_non_positive_widths(bad):
 
 
 @pytest.mark.parametrize("overrides", [
-    {},                                                                  # MMD-VAE
-    {"mmd_weight": 0.0, "kl_weight": 1.0, "stochastic_encoder": True},   # ELBO-VAE
+    {},                                                                  # the default: MMD-VAE, pixel MMD, critic
+    {"pixel_mmd_weight": 0.0, "adv_weight": 0.0},                        # the plain MMD-VAE
+    {"mmd_weight": 0.0, "kl_weight": 1.0, "stochastic_encoder": True, "pixel_mmd_weight": 0.0, "adv_weight": 0.0},  # ELBO-VAE
     {"kernel": "imq", "kernel_scales": "0.5,1,2", "recon_loss": "mse"},
-    {"pixel_mmd_weight": 300.0},                                         # decoded prior draws vs images
-    {"adv_weight": 10.0},                                                # and a critic's verdict on them
+    {"pixel_mmd_weight": 300.0, "adv_weight": 0.0},                      # decoded prior draws vs images, no critic
 ])
 def test_one_optimiser_step_lowers_the_loss(overrides):
     cfg = {**train.DEFAULTS, **overrides}
@@ -74,7 +74,7 @@ def test_one_optimiser_step_lowers_the_loss(overrides):
 
 def test_pure_mmd_vae_has_no_kl_and_elbo_has_no_mmd():
     x = torch.rand(16, 1, 28, 28)
-    model = MMDVAE(latent_dim=4, channels=4, hidden=16, stochastic=True)
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, stochastic=True, critic=True)  # the default has a critic
     _, mmd_vae = train.compute_loss(model, x, train.DEFAULTS)
     _, elbo = train.compute_loss(model, x, {**train.DEFAULTS, "mmd_weight": 0.0, "kl_weight": 1.0})
     assert mmd_vae["kl"].item() == 0 and mmd_vae["mmd"].item() != 0
