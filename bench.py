@@ -4,7 +4,7 @@
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
     python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
-    python bench.py --pixel_mmd_weight=0   # the loss without the pixel MMD (the default before it)
+    python bench.py --pixel_mmd_weight=0 --adv_weight=0   # the loss without the pixel MMD and the critic (the first default)
 
   train       images/s and ms per step of the model and batch size (train.py's) through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
@@ -36,8 +36,8 @@ from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
 
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
-# the pixel MMD's weight (to time the loss without that term).
-TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight")
+# the pixel MMD's and the critic's weights (to time the loss without those terms).
+TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight")
 DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
 
 
@@ -309,7 +309,8 @@ def bench(device, quick, data_dir, train_options):
 def print_table(r):
     t = r["train"]
     print(f"device: {r['device']}, torch {r['torch']}, {r['precision']}, model latent {r['latent_dim']} channels {r['channels']} "
-          f"hidden {r['hidden']}, batch {r['batch_size']}, pixel_mmd_weight {r.get('pixel_mmd_weight', 0.0)}")  # absent: made before the option
+          f"hidden {r['hidden']}, batch {r['batch_size']}, pixel_mmd_weight {r.get('pixel_mmd_weight', 0.0)}, "
+          f"adv_weight {r.get('adv_weight', 0.0)}")  # absent: made before the option
     print(f"train   ours  {t['ours_images_per_s']:9.0f} images/s  {t['ours_ms_per_step']:7.2f} ms/step")
     print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   ours/naive {t['ratio']:.2f}x")
     if "one_thread" in r:

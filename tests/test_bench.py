@@ -74,6 +74,7 @@ def test_both_loops_and_the_mmd_timings_run_on_real_mnist(mnist_dir):
     (["--hidden=0"], ["--hidden=0 must be positive"]),
     (["--batch_size=1"], ["--batch_size must be at least 2"]),
     (["--lr=1"], ["unknown option --lr"]),
+    (["--adv_weight=-1"], ["--adv_weight=-1.0 must be zero or positive"]),
 ])
 def test_bad_options_are_refused_before_any_timing(args, words, monkeypatch):
     monkeypatch.setattr(bench, "interleaved_ms_per_step", lambda *a: pytest.fail("timed despite a bad option"))
