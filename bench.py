@@ -13,7 +13,8 @@
   one_thread  ours and naive again with one CPU thread (on a CPU with more), to show how each scales
   variants    our step with each optimisation switched: fp32 or bf16, foreach or fused Adam,
               channels_last, torch.compile, CUDA graphs (the first step's time includes
-              compiling or capturing)
+              compiling or capturing); and without the critic, and without it and the pixel MMD
+              (what those loss terms cost)
   flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against this
               device's dense matmul FLOP/s in the precision the step computes in (bf16 or fp32)
   mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
@@ -261,6 +262,11 @@ def bench(device, quick, data_dir, train_options):
                   "fp32_fused_adam": our_step(images, device, cfg, precision="fp32", cuda_graph=False),
                   "bf16_fused_adam": our_step(images, device, cfg, precision="bf16", cuda_graph=False),
                   "plus_channels_last": our_step(images, device, cfg, channels_last=True)}
+    # What the loss terms on the prior draws cost: the step without the critic, and without it and the pixel MMD.
+    if cfg["adv_weight"] > 0:
+        candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
+    if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0:
+        candidates["plain_loss"] = our_step(images, device, cfg, adv_weight=0.0, pixel_mmd_weight=0.0)
     if not quick:
         candidates["plus_compile"] = our_step(images, device, cfg, compile_step=True, cuda_graph=False)
     if device.type == "cuda":
