@@ -114,6 +114,16 @@ def naive_loss(model, x, cfg):
     return loss, drawn
 
 
+def naive_critic_loss(critic, x, drawn):
+    """The critic's loss, as DCGAN writes it: the images scored as real, the (detached) draws as fake."""
+    return F.softplus(-critic(x)).mean() + F.softplus(critic(drawn.detach())).mean()
+
+
+def naive_fooled(critic, drawn):
+    """The decoder's loss against the critic: the draws scored as fake."""
+    return F.softplus(-critic(drawn)).mean()
+
+
 def naive_step(images, device, cfg):
     """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32,
     and the critic as in DCGAN: its own Adam and its own backward pass, before the decoder's."""
@@ -136,11 +146,10 @@ def naive_step(images, device, cfg):
         x = x.to(device)
         loss, drawn = naive_loss(model, x, cfg)
         if critic is not None:
-            critic_loss = F.softplus(-critic(x)).mean() + F.softplus(critic(drawn.detach())).mean()
             critic_optimizer.zero_grad(set_to_none=True)
-            critic_loss.backward()
+            naive_critic_loss(critic, x, drawn).backward()
             critic_optimizer.step()
-            loss = loss + cfg["adv_weight"] * F.softplus(-critic(drawn)).mean()
+            loss = loss + cfg["adv_weight"] * naive_fooled(critic, drawn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -72,6 +72,7 @@ def main(argv):
     print(f"{cfg['checkpoint']}: latent_dim {dim}; local dimension of the train codes "
           f"{local_dimension(train_codes[pick], train_codes):.1f}, of N(0, I) draws {local_dimension(normal[:3000], normal):.1f}")
 
+    train_labels = splits["train"][1]
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(train_codes.T))
     along = train_codes @ eigenvectors[:, -1]
     along = along * along.mean().sign()  # the eigenvector's sign is arbitrary: the codes' mean side is +
@@ -80,14 +81,13 @@ def main(argv):
     print("| digit | mean | sd | share beyond 3 |")
     print("|---|---|---|---|")
     for digit in range(10):
-        a = along[splits["train"][1] == digit]
+        a = along[train_labels == digit]
         print(f"| {digit} | {a.mean():.2f} | {a.std():.2f} | {(a.abs() > 3).float().mean():.3f} |")
     print()
 
     sets = {"test codes": prior.encode_all(model, splits["test"][0][:num]), "N(0, I)": normal[:num]}
     if "prior" in ckpt:
         sets["ex-post prior"] = prior.sample_gmm(ckpt["prior"], num, generator)
-    train_labels = splits["train"][1]
     print("| points | nearest train code: 10% / 50% / 90% | classifier's top probability | share under 0.9 "
           "| pure neighbourhood | share under 0.9: pure / mixed |")
     print("|---|---|---|---|---|---|")
