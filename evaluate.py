@@ -16,6 +16,8 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
              and the ratios (b)/(a) and (c)/(a): how much worse than its ceiling sampling is
   IS         inception score exp(E KL(p(y|x) || p(y))) of the samples; 10 is the ceiling
   coverage   share of the 10 classes that get at least 5% of the samples
+  confident  share of the samples whose likeliest class gets at least 0.9: what holds the
+             IS of balanced samples down is the unsure ones (blends of two digits)
   nearest train  the copy check: median pixel distance from 2,000 images of each set to
              their nearest training image. Samples that copy the training set sit closer
              than real test images, and closer than (a): decoded images are smooth, so
@@ -146,11 +148,16 @@ def class_coverage(probs, threshold=0.05):
     return (counts / len(probs) >= threshold).double().mean().item()
 
 
+def confident_share(probs, threshold=0.9):
+    """Share of the images whose likeliest class gets at least `threshold`."""
+    return (probs.max(1).values >= threshold).double().mean().item()
+
+
 def sample_metrics(classifier, features, test_features):
-    """FID against the test features, IS and coverage, from the classifier features of a set of images."""
+    """FID against the test features, IS, coverage and confident share, from the classifier features of a set of images."""
     probs = F.softmax(classifier.head(features), dim=1)
     return {"fid": frechet_distance(features, test_features), "is": inception_score(probs),
-            "coverage": class_coverage(probs)}
+            "coverage": class_coverage(probs), "confident": confident_share(probs)}
 
 
 def probe_accuracy(train_codes, train_labels, test_codes, test_labels, steps=300):
@@ -236,7 +243,7 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
             results[metric if name == "normal" else f"{name}_{metric}"] = value
     results["fid_over_recon"] = results["fid"] / results["recon_fid"]
     if gmm is None:
-        results.update({"gmm_fid": None, "gmm_is": None, "gmm_coverage": None})
+        results.update({"gmm_fid": None, "gmm_is": None, "gmm_coverage": None, "gmm_confident": None})
     results["gmm_fid_over_recon"] = None if gmm is None else results["gmm_fid"] / results["recon_fid"]
     timings["samples"] = time.time() - started
 
@@ -269,14 +276,14 @@ def print_table(results):
     def number(key, fmt):
         return "n/a" if results.get(key) is None else fmt.format(results[key])
 
-    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'FID / (a)':>11}{'nearest train':>15}")
+    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'confident':>11}{'FID / (a)':>11}{'nearest train':>15}")
     for label, prefix, ratio in (("(a) test reconstructions", "recon_", None), ("(b) N(0, I) draws", "", "fid_over_recon"),
                                  ("(c) ex-post prior draws", "gmm_", "gmm_fid_over_recon"), ("real train images", "real_", None)):
         copy = {"recon_": "recon", "": "normal", "gmm_": "gmm"}.get(prefix)
         print(f"{label:<34}{number(prefix + 'fid', '{:.2f}'):>9}{number(prefix + 'is', '{:.2f}'):>8}"
-              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(ratio, '{:.1f}x') if ratio else '':>11}"
+              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(prefix + 'confident', '{:.3f}'):>11}{number(ratio, '{:.1f}x') if ratio else '':>11}"
               f"{number('nearest_train_' + copy, '{:.3f}') if copy else '':>15}")
-    print(f"{'real test images':<34}{'':>38}{number('nearest_train_test', '{:.3f}'):>15}")
+    print(f"{'real test images':<34}{'':>49}{number('nearest_train_test', '{:.3f}'):>15}")
     if results.get("gmm_fid") is None:
         print(f"(c) needs a fitted prior: python sample.py --fit_prior --checkpoint={results.get('checkpoint', 'PATH')}")
     print()

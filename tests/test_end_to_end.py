@@ -55,7 +55,7 @@ def test_evaluate_end_to_end(trained, mnist_dir):
     assert metrics["recon_fid"] > metrics["real_fid"] and metrics["gmm_fid"] > metrics["real_fid"]
     assert metrics["fid_over_recon"] == metrics["fid"] / metrics["recon_fid"]
     assert metrics["gmm_fid_over_recon"] == metrics["gmm_fid"] / metrics["recon_fid"]
-    assert 1 <= metrics["gmm_is"] <= 10 and 0 <= metrics["gmm_coverage"] <= 1
+    assert 1 <= metrics["gmm_is"] <= 10 and 0 <= metrics["gmm_coverage"] <= 1 and 0 <= metrics["gmm_confident"] <= 1
     for name in ("test", "recon", "normal", "gmm"):
         assert metrics[f"nearest_train_{name}"] > 0, name
     assert 1 <= metrics["is"] <= 10 and 1 <= metrics["real_is"] <= 10
