@@ -205,9 +205,16 @@ def prior_match(codes, generator, num=5000):
 def nearest_train_distance(images, train_flat, batch_size=500):
     """L2 distance from each image (N, 1, 28, 28) to its nearest row of train_flat, the training
     images as floats in [0, 1], flattened to (M, 784) once by the caller. Codes (N, D) against
-    train codes (M, D) work the same way."""
-    return torch.cat([squared_distances(images[i:i + batch_size].flatten(1), train_flat).min(1).values.sqrt()
-                      for i in range(0, len(images), batch_size)])
+    train codes (M, D) work the same way.
+
+    The matmul form finds the nearest row; the distance to it is then taken directly, because the
+    form's float32 cancellation (|a|^2 of a digit is ~100) would put an exact copy ~0.01 away."""
+    distances = []
+    for i in range(0, len(images), batch_size):
+        flat = images[i:i + batch_size].flatten(1)
+        nearest = squared_distances(flat, train_flat).argmin(1)
+        distances.append((flat - train_flat[nearest]).norm(dim=1))
+    return torch.cat(distances)
 
 
 @torch.no_grad()
