@@ -239,7 +239,8 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     draws = {"normal": torch.randn(num_samples, model.latent_dim, generator=generator)}
     if gmm is not None:  # its own generator, seeded as `python sample.py --prior=gmm --seed=SEED` seeds it
         draws["gmm"] = prior.sample_gmm(gmm, num_samples, torch.Generator().manual_seed(seed))
-    pick = torch.randperm(len(splits["train"][0]), generator=generator)[:num_samples].to(device)
+    # The real images have their own generator: the floor must not move with the model's latent size.
+    pick = torch.randperm(len(splits["train"][0]), generator=torch.Generator().manual_seed(seed))[:num_samples].to(device)
     # Decoded a batch at a time and kept only as classifier features (128 numbers an image, not 784),
     # so that memory stays small for any --num_samples.
     features = {"recon": in_batches(classifier.features, x_hat[:num_samples]),
