@@ -148,7 +148,10 @@ def class_coverage(probs, threshold=0.05):
     return (counts / len(probs) >= threshold).double().mean().item()
 
 
-def confident_share(probs, threshold=0.9):
+SURE = 0.9  # a decoded image is a confident digit when its likeliest class gets at least this
+
+
+def confident_share(probs, threshold=SURE):
     """Share of the images whose likeliest class gets at least `threshold`."""
     return (probs.max(1).values >= threshold).double().mean().item()
 

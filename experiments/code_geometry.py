@@ -93,7 +93,7 @@ def main(argv):
     print("|---|---|---|---|---|---|")
 
     def row(name, q, sure, pure):
-        unsure = (sure < 0.9).float()
+        unsure = (sure < evaluate.SURE).float()  # the complement of evaluate.py's confident share
         print(f"| {name} | {q} | {sure.mean():.3f} | {unsure.mean():.3f} | {pure.float().mean():.3f} "
               f"| {unsure[pure].mean():.3f} / {unsure[~pure].mean():.3f} |")
 
