@@ -4,7 +4,7 @@
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
     python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
-    python bench.py --pixel_mmd_weight=0 --adv_weight=0   # the loss without the pixel MMD and the critic (the first default)
+    python bench.py --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0   # the loss without the pixel MMD and the critics (the first default)
 
   train       images/s and ms per step of the model and batch size (train.py's) through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
@@ -13,8 +13,8 @@
   one_thread  ours and naive again with one CPU thread (on a CPU with more), to show how each scales
   variants    our step with each optimisation switched: fp32 or bf16, foreach or fused Adam,
               channels_last, torch.compile, CUDA graphs (the first step's time includes
-              compiling or capturing); and without the critic, and without it and the pixel MMD
-              (what those loss terms cost)
+              compiling or capturing); and without the latent critic, without the critic, and without
+              both and the pixel MMD (what those loss terms cost)
   flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against this
               device's dense matmul FLOP/s in the precision the step computes in (bf16 or fp32)
   mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
@@ -37,8 +37,8 @@ from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
 
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
-# the pixel MMD's and the critic's weights (to time the loss without those terms).
-TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight")
+# the pixel MMD's and the two critics' weights (to time the loss without those terms).
+TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight", "latent_adv_weight")
 DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
 
 
@@ -99,40 +99,47 @@ def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compi
 
 
 def naive_loss(model, x, cfg):
-    """train.py's default loss (BCE, Gaussian-kernel MMDs, no KL) with the expanded MMD, in fp32,
-    and the decoded prior draws (None without a pixel MMD or a critic)."""
+    """train.py's default loss (BCE, Gaussian-kernel MMDs, no KL) with the expanded MMD, in fp32, without
+    the critics' terms; and for each critic in use, what it scores: {"critic": (the images, the decoded
+    prior draws), "latent_critic": (prior draws, the codes)}."""
     logits, z, _, _ = model(x)
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
     loss = recon + cfg["mmd_weight"] * mmd_expanded(z, torch.randn_like(z), train.parse_scales(cfg["kernel_scales"]),
                                                     2.0 * z.shape[1])
-    drawn = None
+    scored = {}
     if cfg["pixel_mmd_weight"] > 0 or cfg["adv_weight"] > 0:
         drawn = torch.sigmoid(model.decode_logits(torch.randn_like(z)))
-    if cfg["pixel_mmd_weight"] > 0:
-        loss = loss + cfg["pixel_mmd_weight"] * mmd_expanded(
-            drawn.flatten(1), x.flatten(1), train.parse_scales(cfg["pixel_kernel_scales"]), 1.0)
-    return loss, drawn
+        if cfg["pixel_mmd_weight"] > 0:
+            loss = loss + cfg["pixel_mmd_weight"] * mmd_expanded(
+                drawn.flatten(1), x.flatten(1), train.parse_scales(cfg["pixel_kernel_scales"]), 1.0)
+        if cfg["adv_weight"] > 0:
+            scored["critic"] = (x, drawn)
+    if cfg["latent_adv_weight"] > 0:
+        scored["latent_critic"] = (torch.randn_like(z), z)
+    return loss, scored
 
 
-def naive_critic_loss(critic, x, drawn):
-    """The critic's loss, as DCGAN writes it: the images scored as real, the (detached) draws as fake."""
-    return F.softplus(-critic(x)).mean() + F.softplus(critic(drawn.detach())).mean()
+def naive_critic_loss(critic, real, made):
+    """A critic's loss, as DCGAN writes it: `real` scored as real, the (detached) `made` as fake."""
+    return F.softplus(-critic(real)).mean() + F.softplus(critic(made.detach())).mean()
 
 
-def naive_fooled(critic, drawn):
-    """The decoder's loss against the critic: the draws scored as fake."""
-    return F.softplus(-critic(drawn)).mean()
+def naive_fooled(critic, made):
+    """The maker's (decoder's or encoder's) loss against a critic: `made` scored as fake."""
+    return F.softplus(-critic(made)).mean()
 
 
 def naive_step(images, device, cfg):
     """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32,
-    and the critic as in DCGAN: its own Adam and its own backward pass, before the decoder's."""
+    and each critic as in DCGAN: its own Adam and its own backward pass, before the decoder's and encoder's."""
     model = default_model(device, cfg)
-    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if not name.startswith("critic.")],
+    critics = {name: (getattr(model, name), torch.optim.Adam(getattr(model, name).parameters(), lr=lr, betas=(0.5, 0.999)),
+                      weight)
+               for name, lr, weight in (("critic", cfg["critic_lr"], cfg["adv_weight"]),
+                                        ("latent_critic", cfg["latent_critic_lr"], cfg["latent_adv_weight"]))
+               if getattr(model, name) is not None}
+    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if name.split(".")[0] not in critics],
                                  lr=cfg["lr"])
-    critic = model.critic
-    if critic is not None:
-        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=cfg["critic_lr"], betas=(0.5, 0.999))
     dataset = TensorDataset(images.cpu().float().div(255).unsqueeze(1))
     batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
 
@@ -144,12 +151,13 @@ def naive_step(images, device, cfg):
             batches[0] = iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))
             (x,) = next(batches[0])
         x = x.to(device)
-        loss, drawn = naive_loss(model, x, cfg)
-        if critic is not None:
+        loss, scored = naive_loss(model, x, cfg)
+        for name, (real, made) in scored.items():
+            critic, critic_optimizer, weight = critics[name]
             critic_optimizer.zero_grad(set_to_none=True)
-            naive_critic_loss(critic, x, drawn).backward()
+            naive_critic_loss(critic, real, made).backward()
             critic_optimizer.step()
-            loss = loss + cfg["adv_weight"] * naive_fooled(critic, drawn)
+            loss = loss + weight * naive_fooled(critic, made)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -272,10 +280,12 @@ def bench(device, quick, data_dir, train_options):
                   "bf16_fused_adam": our_step(images, device, cfg, precision="bf16", cuda_graph=False),
                   "plus_channels_last": our_step(images, device, cfg, channels_last=True)}
     # What the loss terms on the prior draws cost: the step without the critic, and without it and the pixel MMD.
+    if cfg["latent_adv_weight"] > 0:
+        candidates["without_latent_critic"] = our_step(images, device, cfg, latent_adv_weight=0.0)
     if cfg["adv_weight"] > 0:
         candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
-    if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0:
-        candidates["plain_loss"] = our_step(images, device, cfg, adv_weight=0.0, pixel_mmd_weight=0.0)
+    if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0 or cfg["latent_adv_weight"] > 0:
+        candidates["plain_loss"] = our_step(images, device, cfg, adv_weight=0.0, pixel_mmd_weight=0.0, latent_adv_weight=0.0)
     if not quick:
         candidates["plus_compile"] = our_step(images, device, cfg, compile_step=True, cuda_graph=False)
     if device.type == "cuda":
@@ -325,7 +335,7 @@ def print_table(r):
     t = r["train"]
     print(f"device: {r['device']}, torch {r['torch']}, {r['precision']}, model latent {r['latent_dim']} channels {r['channels']} "
           f"hidden {r['hidden']}, batch {r['batch_size']}, pixel_mmd_weight {r.get('pixel_mmd_weight', 0.0)}, "
-          f"adv_weight {r.get('adv_weight', 0.0)}")  # absent: made before the option
+          f"adv_weight {r.get('adv_weight', 0.0)}, latent_adv_weight {r.get('latent_adv_weight', 0.0)}")  # absent: made before the option
     print(f"train   ours  {t['ours_images_per_s']:9.0f} images/s  {t['ours_ms_per_step']:7.2f} ms/step")
     print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   ours/naive {t['ratio']:.2f}x")
     if "one_thread" in r:

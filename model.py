@@ -10,7 +10,9 @@ Widths are constructor arguments: a small network trains in minutes on a laptop
 CPU, a wide one fills a GPU. With stochastic=True the encoder outputs a Gaussian
 q(z|x) = N(mu, diag(exp(logvar))) and samples it by reparameterisation, so the
 ELBO-VAE baseline and InfoVAE mixes share this module. With critic=True it also holds
-the critic that train.py's adv_weight trains against the decoder; sampling never uses it.
+the critic that train.py's adv_weight trains against the decoder, and with
+latent_critic=True the one that latent_adv_weight trains against the encoder; sampling
+never uses either.
 
     model = MMDVAE(latent_dim=8)
     z = model.encode(x)           # x: (N, 1, 28, 28) in [0, 1] -> (N, latent_dim)
@@ -22,7 +24,7 @@ from torch import nn
 
 
 class MMDVAE(nn.Module):
-    def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False, critic=False):
+    def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False, critic=False, latent_critic=False):
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("channels", channels), ("hidden", hidden)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -30,7 +32,7 @@ class MMDVAE(nn.Module):
         self.latent_dim, self.stochastic = latent_dim, bool(stochastic)
         # The arguments that rebuild this exact network; saved in every checkpoint.
         self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic,
-                               critic=bool(critic))
+                               critic=bool(critic), latent_critic=bool(latent_critic))
         c = channels
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.1),       # 28 -> 14
@@ -54,6 +56,13 @@ class MMDVAE(nn.Module):
             nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
             nn.Flatten(), nn.Linear(2 * c * 7 * 7, 1),
         ) if critic else None
+        # A logit per code: drawn from N(0, I) (> 0) or encoded from an image (< 0). An MLP of the
+        # decoder's width, as the discriminator of adversarial autoencoders (Makhzani et al., 2015).
+        self.latent_critic = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        ) if latent_critic else None
 
     def encode_distribution(self, x):
         """(mu, logvar) of q(z|x); logvar is None for the deterministic encoder."""

@@ -12,6 +12,7 @@ Loss per image (Zhao, Song & Ermon, "InfoVAE", arXiv:1706.02262):
   + kl_weight  * KL(q(z|x) || p(z))       the ELBO's term, per image
   + pixel_mmd_weight * MMD^2(decoded N(0, I) draws, the batch's images), in pixel space
   + adv_weight * -log sigmoid(critic(decoded draw))   a critic's verdict on the draws
+  + latent_adv_weight * -log sigmoid(latent_critic(z))   a critic's verdict on the codes
 kl_weight=0 is the pure MMD-VAE; kl_weight=1, mmd_weight=0 is the ELBO-VAE.
 
 Each epoch writes {out_dir}/ckpt.pt, a row of {out_dir}/log.csv and a grid of
@@ -52,6 +53,8 @@ pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch'
 pixel_kernel_scales = "10,30,100"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart)
 adv_weight = 5.0             # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic; N(0, I) FID -35% (README: the prior gap)
 critic_lr = 2e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN); decays with lr
+latent_adv_weight = 0.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 5: N(0, I) FID -50%, MSE +18% (README: the prior gap)
+latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999); decays with lr
 # ex-post prior (prior.py)
 prior_components = 60        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
 # optimizer
@@ -112,9 +115,10 @@ def parse_scales(text, name="kernel_scales"):
 def validate(cfg):
     for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
-    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "pixel_mmd_weight", "adv_weight", "prior_components"):
+    for name in ("max_steps", "ckpt_interval", "mmd_weight", "kl_weight", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
+                 "prior_components"):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
-    for name in ("lr", "critic_lr"):
+    for name in ("lr", "critic_lr", "latent_critic_lr"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
     require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
     require(cfg["dataset"] in data.DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(data.DATASETS)}")
@@ -129,11 +133,12 @@ def validate(cfg):
 
 
 def compute_loss(model, x, cfg, gather=None):
-    """(total loss, {"recon", "mmd", "kl", "pixel_mmd", "adv", "critic"}) for a batch x in [0, 1]; every term is per image.
+    """(total loss, {"recon", "mmd", "kl", "pixel_mmd", "adv", "critic", "latent_adv", "latent_critic"}) for a batch x
+    in [0, 1]; every term is per image.
 
-    The total is the encoder's and decoder's loss. "critic" is the critic's own loss (0 without one):
-    it depends on the critic's weights alone, and they on nothing else, so one backward pass of
-    total + critic trains both sides (make_train_step).
+    The total is the encoder's and decoder's loss. "critic" and "latent_critic" are the two critics' own
+    losses (0 without them): each depends on its critic's weights alone, and they on nothing else, so one
+    backward pass of total + critic + latent_critic trains every side (make_train_step).
     gather: under torchrun, gather_codes, so that the MMD is over the codes of the whole global batch."""
     logits, z, mu, logvar = model(x)
     n = x.shape[0]
@@ -157,9 +162,18 @@ def compute_loss(model, x, cfg, gather=None):
             pixel_term = pixel_mmd(drawn, x, cfg, gather)
         if cfg["adv_weight"] > 0:
             adv, critic_loss = adversarial(model_of(model).critic, drawn, x.float())
+    latent_adv, latent_critic_loss = zero, zero
+    if cfg["latent_adv_weight"] > 0:
+        # The MMD sees where q(z) differs from N(0, I) only at the scales a batch of codes shows, and the
+        # codes still form clusters with prior mass between them (README: the prior gap). A critic learns
+        # where they are too dense or too sparse, and the encoder learns to make its codes pass for prior
+        # draws: InfoVAE's adversarial divergence, alongside the MMD. In float32, as the MMD.
+        with torch.autocast(z.device.type, enabled=False):
+            latent_adv, latent_critic_loss = adversarial(model_of(model).latent_critic, z, torch.randn_like(z))
     loss = (recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl + cfg["pixel_mmd_weight"] * pixel_term
-            + cfg["adv_weight"] * adv)
-    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl, "pixel_mmd": pixel_term, "adv": adv, "critic": critic_loss}
+            + cfg["adv_weight"] * adv + cfg["latent_adv_weight"] * latent_adv)
+    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl, "pixel_mmd": pixel_term, "adv": adv, "critic": critic_loss,
+                  "latent_adv": latent_adv, "latent_critic": latent_critic_loss}
 
 
 def decode_prior_draws(model, x, global_batch, gather=None):
@@ -190,18 +204,19 @@ def pixel_mmd(drawn, x, cfg, gather=None):
                    estimator=cfg["mmd_estimator"])
 
 
-def adversarial(critic, drawn, real):
-    """(the decoder's loss, the critic's loss): the non-saturating GAN losses (Goodfellow et al., 2014).
+def adversarial(critic, made, real):
+    """(the maker's loss, the critic's loss): the non-saturating GAN losses (Goodfellow et al., 2014).
 
-    The pixel MMD's kernel, at a batch of 100, no longer tells the decoded draws from the data
-    (README: the prior gap); a critic learns the features that do. The critic learns to score the
-    batch's images above the decoded draws; the decoder learns to draw what it scores as real. Each
-    side's loss reaches only its own weights: the decoder's goes through a detached copy of the
-    critic, the critic's sees detached draws. Both are means over images, so under torchrun each
-    rank's, averaged by DDP, is the one-process loss."""
+    `made` is what the model makes and `real` what it should pass for: decoded N(0, I) draws and the
+    batch's images (the critic of adv_weight; the pixel MMD's kernel, at a batch of 100, no longer tells
+    them apart, README: the prior gap), or the batch's codes and N(0, I) draws (the latent critic). The
+    critic learns to score `real` above `made`; the maker (decoder or encoder) learns to make what it
+    scores as real. Each side's loss reaches only its own weights: the maker's goes through a detached
+    copy of the critic, the critic's sees `made` detached. Both are means over the batch, so under
+    torchrun each rank's, averaged by DDP, is the one-process loss."""
     frozen = {name: p.detach() for name, p in critic.named_parameters()}
-    fooled = F.softplus(-torch.func.functional_call(critic, frozen, (drawn,))).mean()
-    scores = critic(torch.cat([real, drawn.detach()])).float()
+    fooled = F.softplus(-torch.func.functional_call(critic, frozen, (made,))).mean()
+    scores = critic(torch.cat([real, made.detach()])).float()
     critic_loss = F.softplus(-scores[:len(real)]).mean() + F.softplus(scores[len(real):]).mean()
     return fooled, critic_loss
 
@@ -280,7 +295,7 @@ def check_writable(folder):
         raise UserError(f"cannot write to --out_dir={folder} ({e.strerror}); choose a writable folder with free space") from None
 
 
-TERMS = ("recon", "mmd", "kl", "pixel_mmd", "adv", "critic")  # the loss's terms, as compute_loss names them
+TERMS = ("recon", "mmd", "kl", "pixel_mmd", "adv", "critic", "latent_adv", "latent_critic")  # the loss's terms, as compute_loss names them
 LOG_FIELDS = ["epoch", "step", "seconds", *(f"{split}_{k}" for split in ("train", "test") for k in ("loss", *TERMS)),
               "test_mse"]
 
@@ -338,14 +353,16 @@ def precision_name(device, precision):
 
 def make_model(cfg, device):
     return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"],
-                  critic=cfg["adv_weight"] > 0).to(device)
+                  critic=cfg["adv_weight"] > 0, latent_critic=cfg["latent_adv_weight"] > 0).to(device)
 
 
 def make_optimizer(model, cfg, device):
-    """Adam over the encoder and decoder and, in its own group, the critic (lr_scale: its share of `lr`)."""
-    groups = [{"params": [p for name, p in model.named_parameters() if not name.startswith("critic.")]}]
-    if model.critic is not None:
-        groups.append({"params": model.critic.parameters(), "betas": (0.5, 0.999), "lr_scale": cfg["critic_lr"] / cfg["lr"]})
+    """Adam over the encoder and decoder and, in a group each, the critics (lr_scale: their share of `lr`)."""
+    critics = {"critic": cfg["critic_lr"], "latent_critic": cfg["latent_critic_lr"]}
+    groups = [{"params": [p for name, p in model.named_parameters() if name.split(".")[0] not in critics]}]
+    for name, critic_lr in critics.items():
+        if getattr(model, name) is not None:
+            groups.append({"params": getattr(model, name).parameters(), "betas": (0.5, 0.999), "lr_scale": critic_lr / cfg["lr"]})
     # Fused Adam: one kernel for all parameters instead of several per tensor (bench.py: 1.1x on CPU).
     return torch.optim.Adam(groups, lr=cfg["lr"], fused=device.type in ("cpu", "cuda") or None)
 
@@ -364,7 +381,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
                             cache_enabled=not use_graph):
             loss, terms = loss_fn(model, x, cfg)
         optimizer.zero_grad(set_to_none=True)
-        (loss + terms["critic"]).backward()  # the critic's loss reaches only the critic (compute_loss)
+        (loss + terms["critic"] + terms["latent_critic"]).backward()  # each critic's loss reaches only that critic (compute_loss)
         optimizer.step()
         return torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS)])
 
@@ -526,8 +543,9 @@ def train(cfg, saved, rank, world_size, device):
             optimizer.load_state_dict(saved["optimizer"])
             step, epoch, epoch_step = (int(saved[k]) for k in ("step", "epoch", "epoch_step"))
             running = saved["running"].to(device).reshape(-1)
-            # Saved before the later terms existed (4 sums before the pixel MMD, 5 before the critic): theirs are 0.
-            require(len(running) in (4, 5, 1 + len(TERMS)), f"{len(running)} running sums")
+            # Saved before the later terms existed (4 sums before the pixel MMD, 5 before the critic, 7 before the
+            # latent critic): theirs are 0.
+            require(len(running) in (4, 5, 7, 1 + len(TERMS)), f"{len(running)} running sums")
             running = torch.cat([running, running.new_zeros(1 + len(TERMS) - len(running))]).reshape(1 + len(TERMS))
             checkpoint.set_rng_states(saved["rng"], device)
             require(0 <= epoch_step <= steps_per_epoch and step >= 0 and running.isfinite().all(), "counters out of range")
@@ -618,10 +636,12 @@ def train(cfg, saved, rank, world_size, device):
                 step, epoch_step = step + 1, epoch_step + 1
                 bar.update(1)
                 if step % cfg["log_interval"] == 0:
-                    loss, recon, mmd_term, kl, pixel, adv, critic = sync(losses)
+                    loss, recon, mmd_term, kl, pixel, adv, critic, latent_adv, latent_critic = sync(losses)
                     bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", mmd=f"{mmd_term:.2e}", kl=f"{kl:.2f}",
                                     pixel_mmd=f"{pixel:.2e}", refresh=False,
-                                    **({"adv": f"{adv:.2f}", "critic": f"{critic:.2f}"} if cfg["adv_weight"] else {}))
+                                    **({"adv": f"{adv:.2f}", "critic": f"{critic:.2f}"} if cfg["adv_weight"] else {}),
+                                    **({"latent_adv": f"{latent_adv:.2f}", "latent_critic": f"{latent_critic:.2f}"}
+                                       if cfg["latent_adv_weight"] else {}))
                 if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
                     save_checkpoint()
 
@@ -640,6 +660,7 @@ def train(cfg, saved, rank, world_size, device):
             write_log(log_path, log_rows)
             print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}, "
                   f"pixel_mmd {means[4]:.2e}" + (f", adv {means[5]:.2f}, critic {means[6]:.2f}" if cfg["adv_weight"] else "")
+                  + (f", latent_adv {means[7]:.2f}, latent_critic {means[8]:.2f}" if cfg["latent_adv_weight"] else "")
                   + f") | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, "
                   f"mse {test['mse']:.5f} | {seconds:.0f}s")
             with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:

@@ -19,19 +19,25 @@ def test_naive_mmd_is_the_same_statistic_as_ours():
     assert torch.allclose(bench.mmd_expanded(x, y, scales, 2.0 * 16), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("pixel_mmd_weight, adv_weight", [(0.0, 0.0), (100.0, 0.0), (100.0, 10.0)])
-def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight, adv_weight):
-    cfg = {**train.DEFAULTS, "pixel_mmd_weight": pixel_mmd_weight, "adv_weight": adv_weight}
-    model = MMDVAE(latent_dim=4, channels=4, hidden=16, critic=adv_weight > 0)
+@pytest.mark.parametrize("pixel_mmd_weight, adv_weight, latent_adv_weight",
+                         [(0.0, 0.0, 0.0), (100.0, 0.0, 0.0), (100.0, 10.0, 0.0), (0.0, 0.0, 5.0), (100.0, 10.0, 5.0)])
+def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight, adv_weight, latent_adv_weight):
+    cfg = {**train.DEFAULTS, "pixel_mmd_weight": pixel_mmd_weight, "adv_weight": adv_weight,
+           "latent_adv_weight": latent_adv_weight}
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, critic=adv_weight > 0, latent_critic=latent_adv_weight > 0)
     x = torch.rand(20, 1, 28, 28)
     torch.manual_seed(0)  # the same prior draws for both
     ours, terms = train.compute_loss(model, x, cfg)
     torch.manual_seed(0)
-    naive, drawn = bench.naive_loss(model, x, cfg)
+    naive, scored = bench.naive_loss(model, x, cfg)
     assert (terms["pixel_mmd"] > 0) == (pixel_mmd_weight > 0)
-    if adv_weight > 0:  # the naive loop's critic terms, as its step adds them
-        naive = naive + adv_weight * bench.naive_fooled(model.critic, drawn)
-        torch.testing.assert_close(bench.naive_critic_loss(model.critic, x, drawn), terms["critic"], rtol=1e-5, atol=1e-5)
+    assert set(scored) == {name for name, weight in (("critic", adv_weight), ("latent_critic", latent_adv_weight)) if weight}
+    for name, weight in (("critic", adv_weight), ("latent_critic", latent_adv_weight)):
+        if name in scored:  # the naive loop's critic terms, as its step adds them
+            real, made = scored[name]
+            naive = naive + weight * bench.naive_fooled(getattr(model, name), made)
+            torch.testing.assert_close(bench.naive_critic_loss(getattr(model, name), real, made), terms[name],
+                                       rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(naive, ours, rtol=1e-5, atol=1e-4)
 
 

@@ -32,7 +32,8 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
     for key in ("model", "model_args", "config", "optimizer", "epoch", "step", "epoch_step", "rng"):
         assert key in ckpt, key
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
-    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True}
+    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True,
+                                  "latent_critic": False}
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
@@ -152,23 +153,33 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
     assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 210
 
 
-def test_a_checkpoint_from_before_the_pixel_mmd_and_the_critic_resumes_as_it_was_trained(tmp_path, mnist_dir):
-    # Made before the options existed: trained without those terms, and no pixel_mmd or critic settings in its
-    # config or model_args, four running sums instead of seven. It resumes with those terms off, as it was
-    # trained, though both are on by default now.
+@pytest.mark.parametrize("missing, model_args, sums, trained_with", [
+    # before the pixel MMD and the critic: four running sums instead of nine
+    (("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr", "latent_adv_weight", "latent_critic_lr"),
+     ("critic", "latent_critic"), 4, ("--pixel_mmd_weight=0", "--adv_weight=0", "--latent_adv_weight=0")),
+    # before the latent critic: seven
+    (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7, ("--latent_adv_weight=0",)),
+])
+def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
+                                                                      trained_with):
+    # Made before the options existed: trained without those terms, and without their settings in its config
+    # or model_args, or their running sums. It resumes with those terms off, as it was trained, though they are
+    # on by default now.
     run = (*TINY, f"--out_dir={tmp_path / 'run'}", f"--data_dir={mnist_dir}")
-    result = run_script("train.py", *run, "--max_steps=200", "--pixel_mmd_weight=0", "--adv_weight=0")
+    result = run_script("train.py", *run, "--max_steps=200", *trained_with)
     assert result.returncode == 0, result.stderr[-2000:]
     old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    for name in ("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr"):
+    for name in missing:
         del old["config"][name]
-    del old["model_args"]["critic"]
-    old["running"] = old["running"][:4]
+    for name in model_args:
+        del old["model_args"][name]
+    old["running"] = old["running"][:sums]
     torch.save(old, tmp_path / "run" / "ckpt.pt")
     result = run_script("train.py", *run, "--resume=True", "--max_steps=205")
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = checkpoint.load(str(tmp_path / "run" / "ckpt.pt"))
-    assert resumed["step"] == 205 and resumed["config"]["pixel_mmd_weight"] == 0.0 == resumed["config"]["adv_weight"]
+    assert resumed["step"] == 205 and resumed["config"]["latent_adv_weight"] == 0.0
+    assert all(resumed["config"][option.split("=")[0][2:]] == 0.0 for option in trained_with)
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):

@@ -118,7 +118,8 @@ def test_gathered_mmd_and_its_gradients_equal_the_one_process_mmd(tmp_path):
 def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tmp_path, mnist_dir):
     # With the pixel MMD on: each rank decodes its half of the prior draws, and the MMD is over all images.
     # With the critic (on by default): DDP averages its gradients, and its losses are means over images, so it learns as one.
-    args = [*RUN, "--pixel_mmd_weight=300", "--max_steps=10", f"--data_dir={mnist_dir}"]
+    # With the latent critic: every rank scores the gathered codes of the whole batch against the same prior draws.
+    args = [*RUN, "--pixel_mmd_weight=300", "--latent_adv_weight=5", "--max_steps=10", f"--data_dir={mnist_dir}"]
     one_process(*args, f"--out_dir={tmp_path / 'one'}")
     process = torchrun(*args, f"--out_dir={tmp_path / 'two'}")
     stdout, stderr = process.communicate(timeout=300)
