@@ -133,12 +133,10 @@ def naive_step(images, device, cfg):
     """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32,
     and each critic as in DCGAN: its own Adam and its own backward pass, before the decoder's and encoder's."""
     model = default_model(device, cfg)
-    critics = {name: (getattr(model, name), torch.optim.Adam(getattr(model, name).parameters(), lr=lr, betas=(0.5, 0.999)),
-                      weight)
-               for name, lr, weight in (("critic", cfg["critic_lr"], cfg["adv_weight"]),
-                                        ("latent_critic", cfg["latent_critic_lr"], cfg["latent_adv_weight"]))
-               if getattr(model, name) is not None}
-    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if name.split(".")[0] not in critics],
+    critics = {name: (getattr(model, name), torch.optim.Adam(getattr(model, name).parameters(), lr=cfg[lr], betas=(0.5, 0.999)),
+                      cfg[weight])
+               for name, (weight, lr) in train.CRITICS.items() if getattr(model, name) is not None}
+    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if name.split(".")[0] not in train.CRITICS],
                                  lr=cfg["lr"])
     dataset = TensorDataset(images.cpu().float().div(255).unsqueeze(1))
     batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
@@ -279,7 +277,8 @@ def bench(device, quick, data_dir, train_options):
                   "fp32_fused_adam": our_step(images, device, cfg, precision="fp32", cuda_graph=False),
                   "bf16_fused_adam": our_step(images, device, cfg, precision="bf16", cuda_graph=False),
                   "plus_channels_last": our_step(images, device, cfg, channels_last=True)}
-    # What the loss terms on the prior draws cost: the step without the critic, and without it and the pixel MMD.
+    # What the loss terms beyond the first default's cost: the step without the latent critic, without the critic,
+    # and without both and the pixel MMD.
     if cfg["latent_adv_weight"] > 0:
         candidates["without_latent_critic"] = our_step(images, device, cfg, latent_adv_weight=0.0)
     if cfg["adv_weight"] > 0:

@@ -75,6 +75,8 @@ SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
 # What a checkpoint saved before an option existed was trained with, where that is not today's default.
 BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0}
+# Each critic, as model.py names it (and compute_loss names its own loss): the options of its weight and learning rate.
+CRITICS = {"critic": ("adv_weight", "critic_lr"), "latent_critic": ("latent_adv_weight", "latent_critic_lr")}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -353,16 +355,16 @@ def precision_name(device, precision):
 
 def make_model(cfg, device):
     return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"],
-                  critic=cfg["adv_weight"] > 0, latent_critic=cfg["latent_adv_weight"] > 0).to(device)
+                  **{name: cfg[weight] > 0 for name, (weight, _) in CRITICS.items()}).to(device)
 
 
 def make_optimizer(model, cfg, device):
     """Adam over the encoder and decoder and, in a group each, the critics (lr_scale: their share of `lr`)."""
-    critics = {"critic": cfg["critic_lr"], "latent_critic": cfg["latent_critic_lr"]}
-    groups = [{"params": [p for name, p in model.named_parameters() if name.split(".")[0] not in critics]}]
-    for name, critic_lr in critics.items():
+    groups = [{"params": [p for name, p in model.named_parameters() if name.split(".")[0] not in CRITICS]}]
+    for name, (_, critic_lr) in CRITICS.items():
         if getattr(model, name) is not None:
-            groups.append({"params": getattr(model, name).parameters(), "betas": (0.5, 0.999), "lr_scale": critic_lr / cfg["lr"]})
+            groups.append({"params": getattr(model, name).parameters(), "betas": (0.5, 0.999),
+                           "lr_scale": cfg[critic_lr] / cfg["lr"]})
     # Fused Adam: one kernel for all parameters instead of several per tensor (bench.py: 1.1x on CPU).
     return torch.optim.Adam(groups, lr=cfg["lr"], fused=device.type in ("cpu", "cuda") or None)
 
@@ -381,7 +383,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
                             cache_enabled=not use_graph):
             loss, terms = loss_fn(model, x, cfg)
         optimizer.zero_grad(set_to_none=True)
-        (loss + terms["critic"] + terms["latent_critic"]).backward()  # each critic's loss reaches only that critic (compute_loss)
+        (loss + sum(terms[name] for name in CRITICS)).backward()  # each critic's loss reaches only that critic (compute_loss)
         optimizer.step()
         return torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS)])
 

@@ -163,8 +163,8 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
 def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
                                                                       trained_with):
     # Made before the options existed: trained without those terms, and without their settings in its config
-    # or model_args, or their running sums. It resumes with those terms off, as it was trained, though they are
-    # on by default now.
+    # or model_args, or their running sums. It resumes with those terms off, as it was trained, whatever today's
+    # defaults are.
     run = (*TINY, f"--out_dir={tmp_path / 'run'}", f"--data_dir={mnist_dir}")
     result = run_script("train.py", *run, "--max_steps=200", *trained_with)
     assert result.returncode == 0, result.stderr[-2000:]
