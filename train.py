@@ -302,6 +302,14 @@ LOG_FIELDS = ["epoch", "step", "seconds", *(f"{split}_{k}" for split in ("train"
               "test_mse"]
 
 
+def shown_terms(values, cfg):
+    """{name: value as text} of the loss and its terms ([loss, *TERMS]), for the progress bar and each epoch's line.
+    A critic that is off shows neither its loss nor the generator's loss against it."""
+    off = {term for name, (weight, _) in CRITICS.items() if not cfg[weight] for term in (name, weight.removesuffix("_weight"))}
+    return {name: f"{value:.2e}" if "mmd" in name else f"{value:.2f}"  # the MMDs are ~1e-3
+            for name, value in zip(("loss", *TERMS), values) if name not in off}
+
+
 def write_log(path, rows):
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
@@ -638,12 +646,7 @@ def train(cfg, saved, rank, world_size, device):
                 step, epoch_step = step + 1, epoch_step + 1
                 bar.update(1)
                 if step % cfg["log_interval"] == 0:
-                    loss, recon, mmd_term, kl, pixel, adv, critic, latent_adv, latent_critic = sync(losses)
-                    bar.set_postfix(loss=f"{loss:.2f}", recon=f"{recon:.2f}", mmd=f"{mmd_term:.2e}", kl=f"{kl:.2f}",
-                                    pixel_mmd=f"{pixel:.2e}", refresh=False,
-                                    **({"adv": f"{adv:.2f}", "critic": f"{critic:.2f}"} if cfg["adv_weight"] else {}),
-                                    **({"latent_adv": f"{latent_adv:.2f}", "latent_critic": f"{latent_critic:.2f}"}
-                                       if cfg["latent_adv_weight"] else {}))
+                    bar.set_postfix(shown_terms(sync(losses), cfg), refresh=False)
                 if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
                     save_checkpoint()
 
@@ -660,11 +663,9 @@ def train(cfg, saved, rank, world_size, device):
                          **{f"test_{k}": f"{v:.6g}" for k, v in test.items()}})
         if master:
             write_log(log_path, log_rows)
-            print(f"epoch {epoch + 1}: train loss {means[0]:.2f} (recon {means[1]:.2f}, mmd {means[2]:.2e}, kl {means[3]:.2f}, "
-                  f"pixel_mmd {means[4]:.2e}" + (f", adv {means[5]:.2f}, critic {means[6]:.2f}" if cfg["adv_weight"] else "")
-                  + (f", latent_adv {means[7]:.2f}, latent_critic {means[8]:.2f}" if cfg["latent_adv_weight"] else "")
-                  + f") | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, "
-                  f"mse {test['mse']:.5f} | {seconds:.0f}s")
+            shown = shown_terms(means, cfg)
+            print(f"epoch {epoch + 1}: train loss {shown.pop('loss')} ({', '.join(f'{k} {v}' for k, v in shown.items())})"
+                  f" | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
             with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
                 save_image(model.eval().decode(fixed_noise), tmp, nrow=8)
             model.train()
