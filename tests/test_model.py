@@ -46,8 +46,8 @@ def test_rejects_non_positive_widths(bad):
 
 
 @pytest.mark.parametrize("overrides", [
-    {},                                                                  # the default: MMD-VAE, pixel MMD, critic
-    {"latent_adv_weight": 5.0},                                          # and the latent critic
+    {},                                                                  # the default: MMD-VAE, pixel MMD, both critics
+    {"latent_adv_weight": 0.0},                                          # without the critic on the codes
     {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0},  # the plain MMD-VAE
     {"mmd_weight": 0.0, "kl_weight": 1.0, "stochastic_encoder": True, "pixel_mmd_weight": 0.0, "adv_weight": 0.0,
      "latent_adv_weight": 0.0},                                          # ELBO-VAE
@@ -77,7 +77,7 @@ def test_one_optimiser_step_lowers_the_loss(overrides):
 
 def test_pure_mmd_vae_has_no_kl_and_elbo_has_no_mmd():
     x = torch.rand(16, 1, 28, 28)
-    model = MMDVAE(latent_dim=4, channels=4, hidden=16, stochastic=True, critic=True)  # the default has a critic
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, stochastic=True, critic=True, latent_critic=True)  # as the default
     _, mmd_vae = train.compute_loss(model, x, train.DEFAULTS)
     _, elbo = train.compute_loss(model, x, {**train.DEFAULTS, "mmd_weight": 0.0, "kl_weight": 1.0})
     assert mmd_vae["kl"].item() == 0 and mmd_vae["mmd"].item() != 0
