@@ -244,15 +244,22 @@ def gather_codes(z):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def test_metrics(model, images, cfg, batch_size=1000):
-    """Mean loss terms and per-pixel MSE of the reconstruction from the code mean, on `images`."""
+    """Mean loss terms and per-pixel MSE of the reconstruction from the code mean, on `images`.
+
+    In the run's precision, as training: bf16 halves this pass's time on CPUs with native bf16 (4.4 s
+    against 9.3 s for the 10,000 test images, a twelfth of an epoch) and moved the test MSE by 2e-6;
+    evaluate.py's figures are float32."""
     model.eval()
     totals = {}
+    amp_dtype = autocast_dtype(images.device, cfg["precision"])
     for start in range(0, len(images), batch_size):
         x = data.to_float(images[start:start + batch_size])
-        loss, terms = compute_loss(model, x, {**cfg, "mmd_estimator": "unbiased"})
-        x_hat = model.decode(model.encode(x))
-        values = {"loss": loss, **terms, "mse": F.mse_loss(x_hat, x, reduction="sum") / (x.shape[0] * x[0].numel())}
+        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, terms = compute_loss(model, x, {**cfg, "mmd_estimator": "unbiased"})
+            x_hat = model.decode(model.encode(x))
+        values = {"loss": loss, **terms, "mse": F.mse_loss(x_hat.float(), x, reduction="sum") / (x.shape[0] * x[0].numel())}
         for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + v.item() * x.shape[0]
     model.train()
