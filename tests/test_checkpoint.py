@@ -33,7 +33,7 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
         assert key in ckpt, key
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
     assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True,
-                                  "latent_critic": False}
+                                  "latent_critic": True}
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
