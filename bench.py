@@ -4,7 +4,7 @@
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
     python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
-    python bench.py --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0   # the loss without the pixel MMD and the critics (the first default)
+    python bench.py --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0 --latent_dim=16   # the first default's loss and size
 
   train       images/s and ms per step of the model and batch size (train.py's) through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
