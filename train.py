@@ -244,7 +244,6 @@ def gather_codes(z):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def test_metrics(model, images, cfg, batch_size=1000):
     """Mean loss terms and per-pixel MSE of the reconstruction from the code mean, on `images`.
 
