@@ -129,6 +129,20 @@ def test_the_maker_and_its_critic_each_learn_from_their_own_adversarial_loss_onl
     assert all(g is not None and g.abs().sum() > 0 for g in grads(critic))
 
 
+def train_critic_alone(critic, made_and_real, steps):
+    """Trains only `critic`, for `steps` steps of Adam, on train.adversarial(critic, *made_and_real()); the
+    (maker's loss, critic's loss) before each step."""
+    optimizer = torch.optim.Adam(critic.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    losses = []
+    for _ in range(steps):
+        fooled, critic_loss = train.adversarial(critic, *made_and_real())
+        losses.append((fooled.item(), critic_loss.item()))
+        optimizer.zero_grad()
+        critic_loss.backward()
+        optimizer.step()
+    return losses
+
+
 def test_the_critic_learns_to_tell_the_data_from_blank_draws_and_the_decoder_then_pays_for_them():
     torch.manual_seed(0)
     model = MMDVAE(latent_dim=4, channels=4, hidden=16, critic=True)
@@ -136,14 +150,7 @@ def test_the_critic_learns_to_tell_the_data_from_blank_draws_and_the_decoder_the
     with torch.no_grad():  # a decoder that draws only blanks
         model.decoder[-1].bias.fill_(-20.0)
         model.decoder[-1].weight.zero_()
-    optimizer = torch.optim.Adam(model.critic.parameters(), lr=1e-2, betas=(0.5, 0.999))
-    losses = []
-    for _ in range(30):
-        fooled, critic_loss = train.adversarial(model.critic, train.decode_prior_draws(model, x, len(x)), x)
-        losses.append((fooled.item(), critic_loss.item()))
-        optimizer.zero_grad()
-        critic_loss.backward()
-        optimizer.step()
+    losses = train_critic_alone(model.critic, lambda: (train.decode_prior_draws(model, x, len(x)), x), 30)
     # At the start the critic cannot tell them apart (both losses near log 2 and 2 log 2); then it can.
     assert abs(losses[0][1] - 2 * math.log(2)) < 0.2 and losses[-1][1] < 0.1
     assert losses[-1][0] > 3 * losses[0][0]
@@ -157,14 +164,7 @@ def test_the_latent_critic_sees_codes_in_clusters_that_the_moments_miss_and_the_
     corners = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
     codes = (corners.repeat(64, 1) + 0.05 * torch.randn(256, 2)).requires_grad_()
     assert codes.mean(0).abs().max() < 0.1 and (codes.T.cov() - torch.eye(2)).abs().max() < 0.1
-    optimizer = torch.optim.Adam(model.latent_critic.parameters(), lr=1e-2, betas=(0.5, 0.999))
-    losses = []
-    for _ in range(150):
-        fooled, critic_loss = train.adversarial(model.latent_critic, codes, torch.randn(256, 2))
-        losses.append((fooled.item(), critic_loss.item()))
-        optimizer.zero_grad()
-        critic_loss.backward()
-        optimizer.step()
+    losses = train_critic_alone(model.latent_critic, lambda: (codes, torch.randn(256, 2)), 150)
     # At the start the critic cannot tell them apart (both losses near log 2 and 2 log 2); then it can.
     # (Codes drawn from N(0, I) themselves leave it at 1.35 after as many steps.)
     assert abs(losses[0][1] - 2 * math.log(2)) < 0.2 and losses[-1][1] < 0.7
