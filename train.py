@@ -60,7 +60,7 @@ prior_components = 60        # Gaussians fitted to the train codes after trainin
 # optimizer
 epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores (README: the prior gap)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
-lr = 1e-3                    # Adam learning rate at the start
+lr = 2e-3                    # Adam learning rate at the start; 2e-3 drew better samples than 1e-3 at a lower MSE in 10 epochs (README: the prior gap)
 lr_decay = True              # cosine decay to lr/10 over the run
 # system
 device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps

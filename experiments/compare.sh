@@ -27,7 +27,7 @@ for latent in 2 16; do
     echo "== $run"
     # shellcheck disable=SC2086
     "$PYTHON" train.py --out_dir="$run" --overwrite=True --latent_dim="$latent" --epochs="$EPOCHS" \
-      --device="$DEVICE" --seed=1337 --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0 --kernel_scales=0.2,1,5 ${OBJECTIVE[$name]} > "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
+      --device="$DEVICE" --seed=1337 --lr=1e-3 --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0 --kernel_scales=0.2,1,5 ${OBJECTIVE[$name]} > "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
     "$PYTHON" evaluate.py --checkpoint="$run/ckpt.pt" --device="$DEVICE" --json > "$run.json"
     "$PYTHON" sample.py --checkpoint="$run/ckpt.pt" --device="$DEVICE" --out="$run/samples.png" --nrow=10 --num=100
   done
