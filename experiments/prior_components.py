@@ -2,9 +2,11 @@
 
     python experiments/prior_components.py --checkpoint=out/ckpt.pt --components=1,10,20,40,80,160
     python experiments/prior_components.py --components=60 --stop_gains=1e-4,1e-3   # when EM may stop
+    python experiments/prior_components.py --components=60 --scales=1,0.9,0.8       # narrower components
 
-For each count (and each gain below which EM stops, prior.STOP_GAIN unless given): the
-fit's time and iterations, the held-out log-likelihood of the test codes, and evaluate.py's
+For each count (and each gain below which EM stops, prior.STOP_GAIN unless given, and each
+factor on the components' standard deviations, 1 unless given: a "temperature" below 1 draws
+nearer the components' means, where the codes are densest): the fit's time and iterations, the held-out log-likelihood of the test codes, and evaluate.py's
 FID, IS, coverage and copy check of 10,000 decoded draws. More components fit the train
 codes ever more closely; the copy check and the test log-likelihood say when that turns
 into reproducing the training set.
@@ -26,9 +28,10 @@ from train import parse_scales  # noqa: E402
 
 def main(argv):
     cfg, _ = parse_overrides({"checkpoint": "out/ckpt.pt", "components": "1,10,20,40,80,160", "num_samples": 10000,
-                              "stop_gains": str(prior.STOP_GAIN)},
+                              "stop_gains": str(prior.STOP_GAIN), "scales": "1"},
                              argv, "experiments/prior_components.py")
     gains = parse_scales(cfg["stop_gains"], "stop_gains")  # positive, finite, comma-separated
+    scales = parse_scales(cfg["scales"], "scales")
     model, ckpt = checkpoint.load_model(cfg["checkpoint"])
     splits = data.load(ckpt["config"]["dataset"], ckpt["config"]["data_dir"])
     classifier, _ = evaluate.load_classifier(ckpt["config"]["dataset"], ckpt["config"]["data_dir"], splits, "cpu")
@@ -39,20 +42,22 @@ def main(argv):
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     copy_test = evaluate.nearest_train_distance(test_x[:2000], train_flat).median().item()
     print(f"{cfg['checkpoint']}: real test images' median distance to the nearest training image {copy_test:.3f}")
-    print("| components | stop gain | fit s | EM iterations | train LL | test LL | FID | IS | coverage | nearest train |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| components | stop gain | scale | fit s | EM iterations | train LL | test LL | FID | IS | coverage | nearest train |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, gain in ((int(c), g) for c in cfg["components"].split(",") for g in gains):
         started = time.time()
         gmm = prior.fit_gmm(train_codes, k, seed=ckpt["config"]["seed"], tol=gain)
         seconds = time.time() - started
-        with torch.no_grad():
-            z = prior.sample_gmm(gmm, cfg["num_samples"], torch.Generator().manual_seed(0))
-            images = evaluate.in_batches(model.decode, z)
-        m = evaluate.sample_metrics(classifier, evaluate.in_batches(classifier.features, images), test_features)
-        copy = evaluate.nearest_train_distance(images[:2000], train_flat).median().item()
-        print(f"| {k} | {gain:g} | {seconds:.1f} | {gmm['iterations']} | {gmm['log_likelihood']:.3f} | "
-              f"{prior.log_likelihood(gmm, test_codes):.3f} | {m['fid']:.2f} | {m['is']:.2f} | {m['coverage']:.1f} | "
-              f"{copy:.3f} |", flush=True)
+        for scale in scales:
+            narrowed = {**gmm, "scale_tril": gmm["scale_tril"] * scale}
+            with torch.no_grad():
+                z = prior.sample_gmm(narrowed, cfg["num_samples"], torch.Generator().manual_seed(0))
+                images = evaluate.in_batches(model.decode, z)
+            m = evaluate.sample_metrics(classifier, evaluate.in_batches(classifier.features, images), test_features)
+            copy = evaluate.nearest_train_distance(images[:2000], train_flat).median().item()
+            print(f"| {k} | {gain:g} | {scale:g} | {seconds:.1f} | {gmm['iterations']} | {gmm['log_likelihood']:.3f} | "
+                  f"{prior.log_likelihood(gmm, test_codes):.3f} | {m['fid']:.2f} | {m['is']:.2f} | {m['coverage']:.1f} | "
+                  f"{copy:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
