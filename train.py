@@ -255,7 +255,7 @@ def test_metrics(model, images, cfg, batch_size=1000):
     amp_dtype = autocast_dtype(images.device, cfg["precision"])
     for start in range(0, len(images), batch_size):
         x = data.to_float(images[start:start + batch_size])
-        with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast_to(images.device, amp_dtype):
             loss, terms = compute_loss(model, x, {**cfg, "mmd_estimator": "unbiased"})
             x_hat = model.decode(model.encode(x))
         values = {"loss": loss, **terms, "mse": F.mse_loss(x_hat.float(), x, reduction="sum") / (x.shape[0] * x[0].numel())}
@@ -363,6 +363,11 @@ def autocast_dtype(device, precision):
     return torch.bfloat16 if precision == "bf16" or native_cpu else None
 
 
+def autocast_to(device, dtype, **kwargs):
+    """The context a run computes in: autocast to `dtype` (autocast_dtype's answer), or plain fp32 for None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, **kwargs)
+
+
 def precision_name(device, precision):
     return "bf16 autocast" if autocast_dtype(device, precision) else "fp32"
 
@@ -393,8 +398,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
     use_graph = cfg["cuda_graph"] and device.type == "cuda"
 
     def eager(x):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                            cache_enabled=not use_graph):
+        with autocast_to(device, amp_dtype, cache_enabled=not use_graph):
             loss, terms = loss_fn(model, x, cfg)
         optimizer.zero_grad(set_to_none=True)
         (loss + sum(terms[name] for name in CRITICS)).backward()  # each critic's loss reaches only that critic (compute_loss)
