@@ -31,11 +31,10 @@ def read_results(path):
 def write_results(path, results, order):
     """The CSV, its rows in the sweep file's order (runs no longer in it last, so nothing is lost)."""
     names = [n for n in order if n in results] + sorted(set(results) - set(order))
-    lines = [",".join(("run",) + FIELDS)]
-    lines += [",".join([name] + ["" if results[name][k] is None else repr(results[name][k]) for k in FIELDS])
-              for name in names]
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")  # None is written as an empty field, which read_results reads back
+        writer.writerow(("run",) + FIELDS)
+        writer.writerows([name, *(results[name][k] for k in FIELDS)] for name in names)
 
 
 def main(argv):
