@@ -150,11 +150,16 @@ def sample_gmm(gmm, num, generator):
     return z
 
 
-def log_likelihood(gmm, codes):
-    """Mean log-density of codes (N, D) under a fitted mixture."""
+def log_density(gmm, codes):
+    """The log-density of each of codes (N, D) under a fitted mixture: (N,) float64."""
     x = codes.double()
     joint = _log_densities(x, _outer(x), gmm["means"].to(x), gmm["scale_tril"].to(x), gmm["weights"].to(x).log())
-    return torch.logsumexp(joint, dim=1).mean().item()
+    return torch.logsumexp(joint, dim=1)
+
+
+def log_likelihood(gmm, codes):
+    """Mean log-density of codes (N, D) under a fitted mixture."""
+    return log_density(gmm, codes).mean().item()
 
 
 def check_components(components, num_codes):

@@ -2,14 +2,15 @@
 
     python experiments/code_geometry.py --checkpoint=out/ckpt.pt
 
-Prints four measurements of one checkpoint (the README's "prior gap" section quotes them):
+Prints six measurements of one checkpoint (the README's "prior gap" section quotes them):
   1. local dimension: the Levina-Bickel maximum-likelihood estimate (k = 20 neighbours, median
      over 3,000 points) of the train codes, and of as many N(0, I) draws in the same space;
   2. for test codes, N(0, I) draws and ex-post prior draws: the distance to the nearest train
      code; how sure evaluate.py's classifier is of the decoded digit (mean top probability,
      share under 0.9); and whether the point lies inside one digit's cluster (its 10 nearest
      train codes all have one label, a "pure" neighbourhood) or between clusters, with the
-     share under 0.9 in each. N(0, I) draws are also split by their distance to the codes;
+     share under 0.9 in each. N(0, I) draws are also split by their distance to the codes and
+     by the ex-post prior's density, and the unsure ones' two likeliest digits are counted;
   3. what the training loss can see: MMD^2 of `batch_size` train codes against as many prior
      draws, for each bandwidth on its own, over 100 batches, in units of the spread it has when
      both sides are N(0, I) (a signal-to-noise ratio; below ~1 a batch cannot tell them apart);
@@ -109,6 +110,20 @@ def main(argv):
                 quarter = torch.bucketize(dist, torch.tensor(edges))
                 for i in range(4):
                     row(f"N(0, I), quarter {i + 1} by distance", "", sure[quarter == i], pure[quarter == i])
+                if "prior" in ckpt:  # how likely the ex-post prior finds each draw: low = between the codes' clusters
+                    density = prior.log_density(ckpt["prior"], z)
+                    quarter = torch.bucketize(density, torch.quantile(density, torch.tensor([0.25, 0.5, 0.75]).double()))
+                    for i in range(4):
+                        row(f"N(0, I), quarter {i + 1} by ex-post density (low first)", "", sure[quarter == i],
+                            pure[quarter == i])
+                unsure_draws = z[sure < evaluate.SURE]
+
+    with torch.no_grad():
+        probs = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1), unsure_draws)
+    pairs = [tuple(p) for p in torch.sort(probs.topk(2, dim=1).indices, dim=1).values.tolist()]
+    counts = sorted(((pairs.count(p), p) for p in set(pairs)), reverse=True)
+    print(f"\nThe unsure N(0, I) draws' two likeliest digits, commonest pairs first ({len(pairs)} draws): "
+          + ", ".join(f"{a}/{b} {n}" for n, (a, b) in counts[:8]))
 
     batch = config["batch_size"]
     print(f"\nMMD^2 of {batch} train codes vs {batch} N(0, I) draws, 100 batches, per bandwidth (multiple of 2 x latent_dim):")

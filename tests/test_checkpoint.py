@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import train
 from cli import UserError
 from conftest import REPO, TINY, assert_user_error, run_script
 
@@ -33,7 +34,7 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
         assert key in ckpt, key
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
     assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True,
-                                  "latent_critic": True}
+                                  "latent_critic": True, "critic_hidden": train.DEFAULTS["critic_hidden"]}
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
@@ -133,7 +134,6 @@ def test_malicious_checkpoint_runs_no_code(tmp_path):
 
     torch.save({"format": checkpoint.FORMAT, "model": Payload(), "model_args": {}, "config": {}}, tmp_path / "ckpt.pt")
     assert_user_error(run_script("sample.py", f"--out_dir={tmp_path}", f"--out={tmp_path / 'x.png'}"), "run code")
-    import train
     with pytest.raises(UserError, match="run code"):
         train.main([f"--out_dir={tmp_path}", "--resume=True"])
     assert not marker.exists()
@@ -159,6 +159,8 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
      ("critic", "latent_critic"), 4, ("--pixel_mmd_weight=0", "--adv_weight=0", "--latent_adv_weight=0")),
     # before the latent critic: seven
     (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7, ("--latent_adv_weight=0",)),
+    # before the critic's fully connected layer: its features went straight to the logit
+    (("critic_hidden",), ("critic_hidden",), 9, ("--critic_hidden=0",)),
 ])
 def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
                                                                       trained_with):
@@ -178,7 +180,7 @@ def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, 
     result = run_script("train.py", *run, "--resume=True", "--max_steps=205")
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = checkpoint.load(str(tmp_path / "run" / "ckpt.pt"))
-    assert resumed["step"] == 205 and resumed["config"]["latent_adv_weight"] == 0.0
+    assert resumed["step"] == 205
     assert all(resumed["config"][option.split("=")[0][2:]] == 0.0 for option in trained_with)
 
 

@@ -39,9 +39,9 @@ def test_rebuilds_from_model_args():
     assert torch.equal(model.decode(z), twin.decode(z))
 
 
-@pytest.mark.parametrize("bad", [dict(latent_dim=0), dict(channels=-1), dict(hidden=2.5)])
+@pytest.mark.parametrize("bad", [dict(latent_dim=0), dict(channels=-1), dict(hidden=2.5), dict(critic_hidden=-1)])
 def test_rejects_non_positive_widths(bad):
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="(positive|non-negative) integer"):
         MMDVAE(**bad)
 
 
