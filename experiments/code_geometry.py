@@ -25,6 +25,7 @@ Prints six measurements of one checkpoint (the README's "prior gap" section quot
 """
 import os
 import sys
+from collections import Counter
 
 import torch
 
@@ -102,27 +103,24 @@ def main(argv):
         for name, z in sets.items():
             dists, indices = nearest(z, train_codes, 10)  # one search serves the distance and the purity
             dist, pure = dists[:, 0].contiguous(), neighbourhood_is_pure(train_labels[indices])
-            sure = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1).max(1).values, z)
+            probs = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1), z)
+            sure = probs.max(1).values
             q = torch.quantile(dist, torch.tensor([0.1, 0.5, 0.9])).tolist()
             row(name, f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}", sure, pure)
             if name == "N(0, I)":
-                edges = torch.quantile(dist, torch.tensor([0.25, 0.5, 0.75])).tolist()
-                quarter = torch.bucketize(dist, torch.tensor(edges))
-                for i in range(4):
-                    row(f"N(0, I), quarter {i + 1} by distance", "", sure[quarter == i], pure[quarter == i])
+                splits_by = {"distance": dist}
                 if "prior" in ckpt:  # how likely the ex-post prior finds each draw: low = between the codes' clusters
-                    density = prior.log_density(ckpt["prior"], z)
-                    quarter = torch.bucketize(density, torch.quantile(density, torch.tensor([0.25, 0.5, 0.75]).double()))
+                    splits_by["ex-post density (low first)"] = prior.log_density(ckpt["prior"], z)
+                for by, values in splits_by.items():
+                    edges = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype))
+                    quarter = torch.bucketize(values, edges)
                     for i in range(4):
-                        row(f"N(0, I), quarter {i + 1} by ex-post density (low first)", "", sure[quarter == i],
-                            pure[quarter == i])
-                unsure_draws = z[sure < evaluate.SURE]
+                        row(f"N(0, I), quarter {i + 1} by {by}", "", sure[quarter == i], pure[quarter == i])
+                unsure_probs = probs[sure < evaluate.SURE]
 
-    with torch.no_grad():
-        probs = in_batches(lambda c: torch.softmax(classifier(model.decode(c)), 1), unsure_draws)
-    pairs = [tuple(p) for p in torch.sort(probs.topk(2, dim=1).indices, dim=1).values.tolist()]
-    counts = sorted(((pairs.count(p), p) for p in set(pairs)), reverse=True)
-    print(f"\nThe unsure N(0, I) draws' two likeliest digits, commonest pairs first ({len(pairs)} draws): "
+    pairs = Counter(tuple(p) for p in torch.sort(unsure_probs.topk(2, dim=1).indices, dim=1).values.tolist())
+    counts = sorted(((n, p) for p, n in pairs.items()), reverse=True)
+    print(f"\nThe unsure N(0, I) draws' two likeliest digits, commonest pairs first ({len(unsure_probs)} draws): "
           + ", ".join(f"{a}/{b} {n}" for n, (a, b) in counts[:8]))
 
     batch = config["batch_size"]
