@@ -62,7 +62,8 @@ prior_components = 60        # Gaussians fitted to the train codes after trainin
 epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores (README: the prior gap)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
 lr = 3e-3                    # Adam learning rate at the start; in 10 epochs 3e-3 drew better samples than 2e-3 and 4e-3 within the MSE bound (README: the prior gap)
-lr_decay = True              # cosine decay to lr/10 over the run
+lr_decay = True              # cosine decay over the run, from lr to min_lr_ratio * lr
+min_lr_ratio = 0.1           # where the decay ends, as a fraction of lr (nanoGPT's min_lr is lr/10)
 # system
 device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
 precision = "auto"           # auto = bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; or bf16, fp32
@@ -123,6 +124,7 @@ def validate(cfg):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
     for name in ("lr", "critic_lr", "latent_critic_lr"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
+    require(0 <= cfg["min_lr_ratio"] <= 1, f"--min_lr_ratio={cfg['min_lr_ratio']} must be between 0 and 1")
     require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
     require(cfg["dataset"] in data.DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(data.DATASETS)}")
     require(cfg["kernel"] in KERNELS, f"unknown kernel {cfg['kernel']!r}; choose one of {', '.join(KERNELS)}")
@@ -270,7 +272,8 @@ def lr_at(step, total_steps, cfg):
     if not cfg["lr_decay"]:
         return cfg["lr"]
     progress = min(step / max(total_steps, 1), 1.0)
-    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    floor = cfg["min_lr_ratio"]
+    return cfg["lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def resume_config(saved, cfg, given, verbose=True):

@@ -169,3 +169,13 @@ def test_the_latent_critic_sees_codes_in_clusters_that_the_moments_miss_and_the_
     # (Codes drawn from N(0, I) themselves leave it at 1.35 after as many steps.)
     assert abs(losses[0][1] - 2 * math.log(2)) < 0.2 and losses[-1][1] < 0.7
     assert losses[-1][0] > 3 * losses[0][0]
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.01, 0.0, 1.0])
+def test_the_learning_rate_decays_by_a_cosine_from_lr_to_its_floor(floor):
+    cfg = {**train.DEFAULTS, "lr": 3e-3, "min_lr_ratio": floor}
+    rates = [train.lr_at(step, 1000, cfg) for step in range(0, 1001, 50)]
+    assert rates[0] == pytest.approx(3e-3) and rates[-1] == pytest.approx(floor * 3e-3)
+    assert rates[10] == pytest.approx((1 + floor) / 2 * 3e-3)  # halfway down at half the run
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert train.lr_at(500, 1000, {**cfg, "lr_decay": False}) == 3e-3
