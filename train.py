@@ -64,6 +64,7 @@ max_steps = 0                # stop after this many steps in all (0 = no cap); f
 lr = 3e-3                    # Adam learning rate at the start; in 10 epochs 3e-3 drew better samples than 2e-3 and 4e-3 within the MSE bound (README: the prior gap)
 lr_decay = True              # cosine decay over the run, from lr to min_lr_ratio * lr
 min_lr_ratio = 0.1           # where the decay ends, as a fraction of lr (nanoGPT's min_lr is lr/10)
+ema_decay = 0.0              # sample, evaluate and fit the prior with an exponential moving average of the weights, this close to 1 (0 = the last weights)
 # system
 device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
 precision = "auto"           # auto = bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; or bf16, fp32
@@ -76,12 +77,13 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
 # What a checkpoint saved before an option existed was trained with, where that is not today's default.
-BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0}
+BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0, "ema_decay": 0.0}
 # Each critic, as model.py names it (and compute_loss names its own loss): the options of its weight and learning rate.
 CRITICS = {"critic": ("adv_weight", "critic_lr"), "latent_critic": ("latent_adv_weight", "latent_critic_lr")}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
+import copy
 import csv
 import functools
 import math
@@ -125,6 +127,7 @@ def validate(cfg):
     for name in ("lr", "critic_lr", "latent_critic_lr"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
     require(0 <= cfg["min_lr_ratio"] <= 1, f"--min_lr_ratio={cfg['min_lr_ratio']} must be between 0 and 1")
+    require(0 <= cfg["ema_decay"] < 1, f"--ema_decay={cfg['ema_decay']} must be at least 0 and below 1, e.g. 0.999")
     require(cfg["batch_size"] >= 2, "--batch_size must be at least 2: the MMD compares samples within a batch")
     require(cfg["dataset"] in data.DATASETS, f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(data.DATASETS)}")
     require(cfg["kernel"] in KERNELS, f"unknown kernel {cfg['kernel']!r}; choose one of {', '.join(KERNELS)}")
@@ -557,13 +560,18 @@ def train(cfg, saved, rank, world_size, device):
 
     model = make_model(cfg, device)
     optimizer = make_optimizer(model, cfg, device)
+    # The weights that draw the samples: the last ones, or (ema_decay > 0) their exponential moving average,
+    # which evens out the step-to-step swings the critics cause (Yazici et al., "The Unusual Effectiveness of
+    # Averaging in GAN Training", ICLR 2019). The checkpoint's "model" holds these, "train_model" the last ones.
+    averaged = copy.deepcopy(model).requires_grad_(False) if cfg["ema_decay"] else model
     step, epoch, epoch_step = 0, 0, 0
     running = torch.zeros(1 + len(TERMS), device=device)  # sums of the loss and its terms over this epoch's steps
     log_path = os.path.join(cfg["out_dir"], "log.csv")
     log_rows = []
     if saved is not None:
         try:
-            model.load_state_dict(saved["model"])
+            model.load_state_dict(saved["train_model"] if averaged is not model else saved["model"])
+            averaged.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             step, epoch, epoch_step = (int(saved[k]) for k in ("step", "epoch", "epoch_step"))
             running = saved["running"].to(device).reshape(-1)
@@ -601,6 +609,7 @@ def train(cfg, saved, rank, world_size, device):
         if world_size > 1 else model
     loss_fn = functools.partial(compute_loss, gather=gather_codes) if world_size > 1 else compute_loss
     train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn)
+    averaged_pairs = list(zip(averaged.parameters(), model.parameters()))
     fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     stop = StopRequest()
     started = time.time()
@@ -621,7 +630,8 @@ def train(cfg, saved, rank, world_size, device):
             check_finite(float("nan"))
         if master:
             checkpoint.save(ckpt_path, {
-                "model": model.state_dict(), "model_args": model.model_args, "config": cfg,
+                "model": averaged.state_dict(), **({"train_model": model.state_dict()} if averaged is not model else {}),
+                "model_args": model.model_args, "config": cfg,
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
                 "running": summed, "rng": checkpoint.rng_states(device), "world_size": world_size, **extra,
             })
@@ -656,6 +666,10 @@ def train(cfg, saved, rank, world_size, device):
             while epoch_step < last:
                 x = data.to_float(train_images[batches[epoch_step]])
                 losses = train_step(x, lr_at(step, total_steps, cfg))  # [loss, *TERMS]
+                if averaged is not model:
+                    with torch.no_grad():
+                        for mean, weight in averaged_pairs:
+                            mean.lerp_(weight, 1 - cfg["ema_decay"])
                 # Summed on the device: reading a value back would stall the GPU every step.
                 running += losses
                 step, epoch_step = step + 1, epoch_step + 1
@@ -669,7 +683,7 @@ def train(cfg, saved, rank, world_size, device):
         # Every rank evaluates (the test MMD's prior draws keep all ranks' random streams in step). A run that
         # max_steps ends mid-epoch then puts its random state back: resumed, it draws what an uncapped run draws.
         before_test = checkpoint.rng_states(device) if epoch_step < steps_per_epoch else None
-        test = test_metrics(model, test_images, cfg)
+        test = test_metrics(averaged, test_images, cfg)
         if before_test is not None:
             checkpoint.set_rng_states(before_test, device)
         seconds = time.time() - started
@@ -682,7 +696,7 @@ def train(cfg, saved, rank, world_size, device):
             print(f"epoch {epoch + 1}: train loss {shown.pop('loss')} ({', '.join(f'{k} {v}' for k, v in shown.items())})"
                   f" | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
             with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
-                save_image(model.eval().decode(fixed_noise), tmp, nrow=8)
+                save_image(averaged.eval().decode(fixed_noise), tmp, nrow=8)
             model.train()
         if epoch_step == steps_per_epoch:  # a whole epoch (a max_steps cap can end one early)
             epoch, epoch_step = epoch + 1, 0
@@ -691,7 +705,7 @@ def train(cfg, saved, rank, world_size, device):
 
     if cfg["prior_components"]:
         # The ex-post prior belongs to the final weights: fitted once, after the last step, by rank 0.
-        fitted = prior.fit(model, train_images, cfg["prior_components"], cfg["seed"]) if master else None
+        fitted = prior.fit(averaged, train_images, cfg["prior_components"], cfg["seed"]) if master else None
         save_checkpoint(prior=fitted)
         if master:
             print(f"ex-post prior: {cfg['prior_components']} Gaussians fitted to the train codes in {fitted['seconds']:.1f}s "

@@ -44,6 +44,7 @@ def test_bad_overrides_are_user_errors(argv, words):
     (["--latent_dim=-3"], ["--latent_dim=-3", "positive"]),
     (["--lr=-0.1"], ["--lr", "positive"]),
     (["--min_lr_ratio=1.5"], ["--min_lr_ratio=1.5", "between 0 and 1"]),
+    (["--ema_decay=1"], ["--ema_decay=1.0", "below 1"]),
     (["--dataset=cifar"], ["unknown dataset 'cifar'", "mnist"]),
     (["--kernel=laplace"], ["unknown kernel 'laplace'", "gaussian"]),
     (["--kernel_scales=1,x"], ["--kernel_scales"]),
