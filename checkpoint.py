@@ -1,6 +1,7 @@
 """Checkpoints: one dict, written atomically, read without running any pickled code.
 
-A checkpoint holds: model (state_dict), model_args (to rebuild MMDVAE), config
+A checkpoint holds: model (the state_dict to sample from; with ema_decay, the moving average,
+and train_model the last weights), model_args (to rebuild MMDVAE), config
 (every hyperparameter of the run), optimizer, epoch and step, and the RNG states
 that make a resumed run continue exactly where it stopped.
 
