@@ -667,9 +667,12 @@ def train(cfg, saved, rank, world_size, device):
                 x = data.to_float(train_images[batches[epoch_step]])
                 losses = train_step(x, lr_at(step, total_steps, cfg))  # [loss, *TERMS]
                 if averaged is not model:
+                    # With Adam's bias correction: the average of the steps taken, without the initial weights'
+                    # share (decay^step), so that a short run's average is of what it learned.
+                    share = (1 - cfg["ema_decay"]) / (1 - cfg["ema_decay"] ** (step + 1))
                     with torch.no_grad():
                         for mean, weight in averaged_pairs:
-                            mean.lerp_(weight, 1 - cfg["ema_decay"])
+                            mean.lerp_(weight, share)
                 # Summed on the device: reading a value back would stall the GPU every step.
                 running += losses
                 step, epoch_step = step + 1, epoch_step + 1

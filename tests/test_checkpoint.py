@@ -137,6 +137,17 @@ def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weigh
     assert all(torch.equal(model.state_dict()[name], averaged["model"][name]) for name in averaged["model"])
 
 
+def test_the_moving_average_of_a_short_run_is_of_its_steps_not_of_its_initial_weights(tmp_path, mnist_dir):
+    # Bias-corrected as Adam's moments are: after one step the average is that step's weights, however close
+    # to 1 the decay (uncorrected, 99.9% of it would be the random initial weights).
+    result = run_script("train.py", *TINY, f"--data_dir={mnist_dir}", "--max_steps=1", "--ema_decay=0.999",
+                        f"--out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for name in saved["model"]:
+        torch.testing.assert_close(saved["model"][name], saved["train_model"][name], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_status(tmp_path, mnist_dir, signum, status):
     process = start_training(tmp_path, f"--data_dir={mnist_dir}", "--max_steps=100000", "--ckpt_interval=0")
