@@ -609,7 +609,7 @@ def train(cfg, saved, rank, world_size, device):
         if world_size > 1 else model
     loss_fn = functools.partial(compute_loss, gather=gather_codes) if world_size > 1 else compute_loss
     train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn)
-    averaged_pairs = list(zip(averaged.parameters(), model.parameters()))
+    averaged_weights, model_weights = list(averaged.parameters()), list(model.parameters())
     fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     stop = StopRequest()
     started = time.time()
@@ -670,9 +670,8 @@ def train(cfg, saved, rank, world_size, device):
                     # With Adam's bias correction: the average of the steps taken, without the initial weights'
                     # share (decay^step), so that a short run's average is of what it learned.
                     share = (1 - cfg["ema_decay"]) / (1 - cfg["ema_decay"] ** (step + 1))
-                    with torch.no_grad():
-                        for mean, weight in averaged_pairs:
-                            mean.lerp_(weight, share)
+                    with torch.no_grad():  # one kernel for all the tensors, as torch.optim.swa_utils does
+                        torch._foreach_lerp_(averaged_weights, model_weights, share)
                 # Summed on the device: reading a value back would stall the GPU every step.
                 running += losses
                 step, epoch_step = step + 1, epoch_step + 1
