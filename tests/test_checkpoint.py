@@ -193,8 +193,8 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
      ("critic", "latent_critic"), 4, ("--pixel_mmd_weight=0", "--adv_weight=0", "--latent_adv_weight=0")),
     # before the latent critic: seven
     (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7, ("--latent_adv_weight=0",)),
-    # before the critic's fully connected layer: its features went straight to the logit
-    (("critic_hidden",), ("critic_hidden",), 9, ("--critic_hidden=0",)),
+    # before the critic's fully connected layer (its features went straight to the logit) and the moving average
+    (("critic_hidden", "ema_decay"), ("critic_hidden",), 9, ("--critic_hidden=0", "--ema_decay=0")),
 ])
 def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
                                                                       trained_with):
