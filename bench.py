@@ -14,7 +14,7 @@
   variants    our step with each optimisation switched: fp32 or bf16, foreach or fused Adam,
               channels_last, torch.compile, CUDA graphs (the first step's time includes
               compiling or capturing); and without the latent critic, without the critic, and without
-              both and the pixel MMD (what those loss terms cost)
+              both and the pixel MMD (what those loss terms cost), and without the moving average
   flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against this
               device's dense matmul FLOP/s in the precision the step computes in (bf16 or fp32)
   mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
@@ -22,6 +22,7 @@
   sampling    images/s of sample.py's decode path
 Each time is the median of several timed repeats after a warm-up.
 """
+import copy
 import os
 import statistics
 import time
@@ -38,7 +39,8 @@ from mmd import mmd
 
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
 # the pixel MMD's and the two critics' weights (to time the loss without those terms).
-TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight", "latent_adv_weight")
+TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
+                 "ema_decay")
 DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
 
 
@@ -86,6 +88,7 @@ def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compi
                  else train.make_optimizer(model, cfg, device))
     loss_fn = torch.compile(train.compute_loss) if compile_step else train.compute_loss
     train_step = train.make_train_step(model, optimizer, cfg, device, loss_fn)
+    averaged = copy.deepcopy(model).requires_grad_(False) if cfg["ema_decay"] else None
     batches = data.batch_order(len(images), cfg["batch_size"], 0, 0).to(device)
     position = [0]
 
@@ -94,6 +97,8 @@ def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compi
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         train_step(x, cfg["lr"])
+        if averaged is not None:
+            train.update_average(averaged, model, cfg["ema_decay"], position[0])
         position[0] += 1
     return step
 
@@ -283,6 +288,8 @@ def bench(device, quick, data_dir, train_options):
         candidates["without_latent_critic"] = our_step(images, device, cfg, latent_adv_weight=0.0)
     if cfg["adv_weight"] > 0:
         candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
+    if cfg["ema_decay"] > 0:
+        candidates["without_average"] = our_step(images, device, cfg, ema_decay=0.0)
     if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0 or cfg["latent_adv_weight"] > 0:
         candidates["plain_loss"] = our_step(images, device, cfg, adv_weight=0.0, pixel_mmd_weight=0.0, latent_adv_weight=0.0)
     if not quick:

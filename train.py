@@ -457,6 +457,15 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
     return graph_step
 
 
+@torch.no_grad()
+def update_average(averaged, model, decay, step):
+    """Move `averaged`'s weights towards `model`'s after step `step` (counted from 0): their exponential moving
+    average, with Adam's bias correction, so that it averages the steps taken and not the initial weights
+    (whose share would be decay^steps: 90% after 100 steps at 0.999)."""
+    share = (1 - decay) / (1 - decay ** (step + 1))
+    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), share)  # one kernel for all tensors
+
+
 def optimizer_tensors(optimizer):
     return [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
@@ -609,7 +618,6 @@ def train(cfg, saved, rank, world_size, device):
         if world_size > 1 else model
     loss_fn = functools.partial(compute_loss, gather=gather_codes) if world_size > 1 else compute_loss
     train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn)
-    averaged_weights, model_weights = list(averaged.parameters()), list(model.parameters())
     fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     stop = StopRequest()
     started = time.time()
@@ -667,11 +675,7 @@ def train(cfg, saved, rank, world_size, device):
                 x = data.to_float(train_images[batches[epoch_step]])
                 losses = train_step(x, lr_at(step, total_steps, cfg))  # [loss, *TERMS]
                 if averaged is not model:
-                    # With Adam's bias correction: the average of the steps taken, without the initial weights'
-                    # share (decay^step), so that a short run's average is of what it learned.
-                    share = (1 - cfg["ema_decay"]) / (1 - cfg["ema_decay"] ** (step + 1))
-                    with torch.no_grad():  # one kernel for all the tensors, as torch.optim.swa_utils does
-                        torch._foreach_lerp_(averaged_weights, model_weights, share)
+                    update_average(averaged, model, cfg["ema_decay"], step)
                 # Summed on the device: reading a value back would stall the GPU every step.
                 running += losses
                 step, epoch_step = step + 1, epoch_step + 1
