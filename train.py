@@ -710,7 +710,8 @@ def train(cfg, saved, rank, world_size, device):
         save_checkpoint()
 
     if cfg["prior_components"]:
-        # The ex-post prior belongs to the final weights: fitted once, after the last step, by rank 0.
+        # The ex-post prior belongs to the weights that draw the samples (with ema_decay, their average at the
+        # end): fitted once, after the last step, by rank 0.
         fitted = prior.fit(averaged, train_images, cfg["prior_components"], cfg["seed"]) if master else None
         save_checkpoint(prior=fitted)
         if master:
