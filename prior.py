@@ -6,10 +6,10 @@ clusters decode to blends of digits. Fitting a density to the codes after traini
 and sampling from it instead is "ex-post density estimation" (Ghosh et al., "From
 Variational to Deterministic Autoencoders", ICLR 2020).
 
-    gmm = fit_gmm(train_codes, components=60, seed=0)     # EM, k-means++ start
+    gmm = fit_gmm(train_codes, components=50, seed=0)     # EM, k-means++ start
     z = sample_gmm(gmm, 64, torch.Generator().manual_seed(0))
     model.decode(z)
-    ckpt["prior"] = fit(model, train_images, components=60)   # what train.py stores
+    ckpt["prior"] = fit(model, train_images, components=50)   # what train.py stores
 
 The fit is plain EM in torch, in float64. Memory is O(N*K) for N codes and K
 components (plus the codes' D(D+1)/2 distinct products, once): every quadratic form
