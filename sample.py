@@ -14,7 +14,6 @@ this script needs no knowledge of how it was trained.
 import os
 
 import torch
-from torchvision.utils import save_image
 
 import checkpoint
 import data
@@ -140,7 +139,7 @@ def main(argv):
 
     shown = images[:MAX_GRID_TILES]
     with atomic_write(cfg["out"]) as tmp:
-        save_image(shown, tmp, nrow=nrow, padding=2, pad_value=0.5)
+        train.save_grid(shown, tmp, nrow=nrow, padding=2, pad_value=0.5)
     source = f", from the {cfg['prior']} prior" if cfg["mode"] == "sample" else ""
     capped = f"; the grid shows the first {len(shown)} of {len(images)}" if len(shown) < len(images) else ""
     print(f"wrote {cfg['out']} ({len(images)} images, {cfg['mode']}{source}{capped}) from {path}")
