@@ -18,8 +18,8 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
   coverage   share of the 10 classes that get at least 5% of the samples
   confident  share of the samples whose likeliest class gets at least 0.9: what holds the
              IS of balanced samples down is the unsure ones (blends of two digits)
-  nearest train  the copy check: median pixel distance from 2,000 images of each set to
-             their nearest training image. Samples that copy the training set sit closer
+  nearest train  the copy check: median pixel distance from 10,000 images of each set (the
+             whole test set; fewer with --num_samples) to their nearest training image. Samples that copy the training set sit closer
              than real test images, and closer than (a): decoded images are smooth, so
              reconstructions of unseen digits are the like-for-like reference
   probe      linear (logistic regression) accuracy on encoder means, fit on train, scored on test
@@ -221,7 +221,7 @@ def nearest_train_distance(images, train_flat, batch_size=500):
 
 
 @torch.no_grad()
-def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, copy_samples=2000):
+def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, copy_samples=None):
     """All metrics as one flat dict (see the module docstring). gmm: the checkpoint's ex-post prior, if any."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -259,9 +259,15 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     timings["samples"] = time.time() - started
 
     # The copy check: a prior that reproduces training images shows up as samples closer to
-    # the training set than real test images are. Median distance to the nearest training image.
+    # the training set than real test images are. Median distance to the nearest training image,
+    # over the whole test set by default. Its first 2,000 digits sit further from the training set
+    # than all 10,000 (4.40 against 4.34; their reconstructions 4.15 against 4.06), and the median
+    # of 2,000 draws moved by 0.7% (one standard deviation over 12 seeds; 0.4% for 10,000), as
+    # much as the margins it judged (README: the prior gap).
     started = time.time()
-    sets = {"test": test_x, "recon": x_hat, **{name: model.decode(z[:copy_samples].to(device)) for name, z in draws.items()}}
+    copy_samples = min(num_samples, len(test_x)) if copy_samples is None else copy_samples
+    sets = {"test": test_x, "recon": x_hat,
+            **{name: in_batches(lambda z: model.decode(z.to(device)), z[:copy_samples]) for name, z in draws.items()}}
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     for name in ("test", "recon", "normal", "gmm"):
         results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples], train_flat).median().item()

@@ -57,7 +57,7 @@ critic_lr = 1e-3             # the critic's Adam learning rate at the start (bet
 latent_adv_weight = 5.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 0 = none; N(0, I) FID -50% (README: the prior gap)
 latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999); decays with lr
 # ex-post prior (prior.py)
-prior_components = 50        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none); 60 copied the training images on one seed of five (README: how many components)
+prior_components = 50        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none); more fit the codes closer, and in the limit copy them (README: how many components)
 # optimizer
 epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores (README: the prior gap)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
