@@ -19,9 +19,10 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
   confident  share of the samples whose likeliest class gets at least 0.9: what holds the
              IS of balanced samples down is the unsure ones (blends of two digits)
   nearest train  the copy check: median pixel distance from 10,000 images of each set (the
-             whole test set; fewer with --num_samples) to their nearest training image. Samples that copy the training set sit closer
-             than real test images, and closer than (a): decoded images are smooth, so
-             reconstructions of unseen digits are the like-for-like reference
+             whole test set; fewer with --num_samples) to their nearest training image.
+             Samples that copy the training set sit closer than real test images, and closer
+             than (a): decoded images are smooth, so reconstructions of unseen digits are the
+             like-for-like reference
   probe      linear (logistic regression) accuracy on encoder means, fit on train, scored on test
   knn        5-nearest-neighbour accuracy of test codes among train codes
   q(z) vs p(z)  MMD^2 of test codes against N(0, I) draws (Gaussian kernel, bandwidth 2D),

@@ -127,6 +127,7 @@ def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weigh
     last = torch.load(tmp_path / "last" / "ckpt.pt", weights_only=True)
     averaged = torch.load(tmp_path / "averaged" / "ckpt.pt", weights_only=True)
     assert_same_weights(averaged["train_model"], last["model"])
+    assert "train_model" not in last  # without an average, the last weights are the only ones
     moved = [(averaged["model"][name] - last["model"][name]).abs().max() for name in last["model"]]
     assert max(moved) > 0
     step_sizes = [(averaged["model"][name] - last["model"][name]).norm() / last["model"][name].norm().clamp(min=1e-6)
