@@ -13,7 +13,11 @@ file trains on the checkpoint's dataset (Inception networks are not meaningful f
              (a) reconstructions of the test images: the decoder's ceiling,
              (b) decoded N(0, I) draws: the MMD-VAE's own claim,
              (c) decoded draws from the checkpoint's ex-post prior (prior.py), if it has one,
-             and the ratios (b)/(a) and (c)/(a): how much worse than its ceiling sampling is
+             (d) reconstructions of 10,000 real training images: what a prior that draws exactly
+                 the codes of real digits would score. (a) is paired image for image with the
+                 test set that FID compares against, and scores below real images; (d), like
+                 every draw, is not, and is the ceiling for any prior,
+             and the ratios (b)/(a), (c)/(a), (b)/(d) and (c)/(d): how far sampling falls short
   IS         inception score exp(E KL(p(y|x) || p(y))) of the samples; 10 is the ceiling
   coverage   share of the 10 classes that get at least 5% of the samples
   confident  share of the samples whose likeliest class gets at least 0.9: what holds the
@@ -230,14 +234,16 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
 
     started = time.time()
     test_x = data.to_float(splits["test"][0])
-    x_hat = in_batches(lambda x: model.decode(model.encode(x)), test_x)
+    test_codes = in_batches(model.encode, test_x).float()
+    train_codes = in_batches(model.encode, data.to_float(splits["train"][0])).float()
+    x_hat = in_batches(model.decode, test_codes)
     results["mse"] = F.mse_loss(x_hat, test_x).item()
     results["bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), test_x, reduction="sum").item() / len(test_x)
-    timings["reconstruction"] = time.time() - started
+    timings["codes_and_reconstruction"] = time.time() - started
 
     # The decomposition: (a) reconstructions, the decoder's ceiling; (b) N(0, I) draws, the
-    # MMD-VAE's claim; (c) draws from the ex-post prior. (b)/(a) and (c)/(a) say how much of
-    # the gap is the prior's, not the decoder's.
+    # MMD-VAE's claim; (c) draws from the ex-post prior; (d) reconstructions of the real training
+    # images below. The ratios to (a) and (d) say how much of the gap is the prior's, not the decoder's.
     started = time.time()
     test_features = in_batches(classifier.features, test_x)
     draws = {"normal": torch.randn(num_samples, model.latent_dim, generator=generator)}
@@ -249,14 +255,18 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     # so that memory stays small for any --num_samples.
     features = {"recon": in_batches(classifier.features, x_hat[:num_samples]),
                 **{name: in_batches(lambda z: classifier.features(model.decode(z.to(device))), z) for name, z in draws.items()},
-                "real": in_batches(lambda x: classifier.features(data.to_float(x)), splits["train"][0][pick])}
+                "real": in_batches(lambda x: classifier.features(data.to_float(x)), splits["train"][0][pick]),
+                # (d): the floor's real images, encoded and decoded. Their codes are what a prior that
+                # matched q(z) exactly would draw, and like the draws they are not the test images.
+                "train_recon": in_batches(lambda z: classifier.features(model.decode(z)), train_codes[pick])}
     for name, set_features in features.items():
         for metric, value in sample_metrics(classifier, set_features, test_features).items():
             results[metric if name == "normal" else f"{name}_{metric}"] = value
-    results["fid_over_recon"] = results["fid"] / results["recon_fid"]
     if gmm is None:
         results.update({"gmm_fid": None, "gmm_is": None, "gmm_coverage": None, "gmm_confident": None})
-    results["gmm_fid_over_recon"] = None if gmm is None else results["gmm_fid"] / results["recon_fid"]
+    for ceiling in ("recon", "train_recon"):
+        results[f"fid_over_{ceiling}"] = results["fid"] / results[f"{ceiling}_fid"]
+        results[f"gmm_fid_over_{ceiling}"] = None if gmm is None else results["gmm_fid"] / results[f"{ceiling}_fid"]
     timings["samples"] = time.time() - started
 
     # The copy check: a prior that reproduces training images shows up as samples closer to
@@ -276,8 +286,6 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     timings["copy_check"] = time.time() - started
 
     started = time.time()
-    train_codes = in_batches(model.encode, data.to_float(splits["train"][0])).float()
-    test_codes = in_batches(model.encode, test_x).float()
     train_labels, test_labels = splits["train"][1], splits["test"][1]
     results["probe"] = probe_accuracy(train_codes, train_labels, test_codes, test_labels)
     results["knn"] = knn_accuracy(train_codes, train_labels, test_codes, test_labels)
@@ -294,14 +302,17 @@ def print_table(results):
     def number(key, fmt):
         return "n/a" if results.get(key) is None else fmt.format(results[key])
 
-    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'confident':>11}{'FID / (a)':>11}{'nearest train':>15}")
-    for label, prefix, ratio in (("(a) test reconstructions", "recon_", None), ("(b) N(0, I) draws", "", "fid_over_recon"),
-                                 ("(c) ex-post prior draws", "gmm_", "gmm_fid_over_recon"), ("real train images", "real_", None)):
+    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'confident':>11}{'FID / (a)':>11}{'FID / (d)':>11}"
+          f"{'nearest train':>15}")
+    for label, prefix in (("(a) test reconstructions", "recon_"), ("(b) N(0, I) draws", ""), ("(c) ex-post prior draws", "gmm_"),
+                          ("(d) train reconstructions", "train_recon_"), ("real train images", "real_")):
+        ratios = "".join(f"{number(prefix + 'fid_over_' + ceiling, '{:.1f}x') if prefix in ('', 'gmm_') else '':>11}"
+                         for ceiling in ("recon", "train_recon"))
         copy = {"recon_": "recon", "": "normal", "gmm_": "gmm"}.get(prefix)
         print(f"{label:<34}{number(prefix + 'fid', '{:.2f}'):>9}{number(prefix + 'is', '{:.2f}'):>8}"
-              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(prefix + 'confident', '{:.3f}'):>11}{number(ratio, '{:.1f}x') if ratio else '':>11}"
+              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(prefix + 'confident', '{:.3f}'):>11}{ratios}"
               f"{number('nearest_train_' + copy, '{:.3f}') if copy else '':>15}")
-    print(f"{'real test images':<34}{'':>49}{number('nearest_train_test', '{:.3f}'):>15}")
+    print(f"{'real test images':<34}{'':>60}{number('nearest_train_test', '{:.3f}'):>15}")
     if results.get("gmm_fid") is None:
         print(f"(c) needs a fitted prior: python sample.py --fit_prior --checkpoint={results.get('checkpoint', 'PATH')}")
     print()
