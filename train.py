@@ -47,7 +47,7 @@ recon_loss = "bce"           # bce (Bernoulli likelihood on pixel intensities) o
 mmd_weight = 100.0           # weight of MMD^2(q(z), N(0, I)); MMD^2 is ~1e-3 when matched, recon ~70 nats; the latent critic shares its job
 kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with mmd_weight=0) = ELBO-VAE
 kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
-kernel_scales = "0.1,0.2,0.5"  # comma-separated bandwidth multipliers of 2*latent_dim; narrow ones see the gaps between the codes' clusters (README)
+kernel_scales = "0.05,0.1,0.2,0.5"  # comma-separated bandwidth multipliers of 2*latent_dim; narrow ones see the gaps between the codes' clusters (README)
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
 pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space; N(0, I) FID -20% (README: the prior gap)
 pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart); 10,30,100 drew worse samples (README)
