@@ -234,8 +234,7 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
 
     started = time.time()
     test_x = data.to_float(splits["test"][0])
-    test_codes = in_batches(model.encode, test_x).float()
-    train_codes = in_batches(model.encode, data.to_float(splits["train"][0])).float()
+    test_codes, train_codes = (prior.encode_all(model, splits[split][0]) for split in ("test", "train"))
     x_hat = in_batches(model.decode, test_codes)
     results["mse"] = F.mse_loss(x_hat, test_x).item()
     results["bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), test_x, reduction="sum").item() / len(test_x)

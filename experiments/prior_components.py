@@ -50,7 +50,7 @@ def main(argv):
     test_codes = prior.encode_all(model, splits["test"][0])
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     copy_test = evaluate.nearest_train_distance(test_x, train_flat).median().item()
-    recon = evaluate.in_batches(lambda x: model.decode(model.encode(x)), test_x)
+    recon = evaluate.in_batches(model.decode, test_codes)
     copy_recon = evaluate.nearest_train_distance(recon, train_flat).median().item()
     print(f"{cfg['checkpoint']}: median distance to the nearest training image of the test images {copy_test:.3f}, "
           f"of their reconstructions {copy_recon:.3f} (the copy check's reference)")
