@@ -76,7 +76,8 @@ def convert(name, text, default):
             raise UserError(f"--{name}={text} is not a finite number; give e.g. --{name}={default}")
         if type(value) is want:
             return value
-    raise UserError(f"--{name}={text} is not a {want.__name__} (default: {default!r}); "
+    kind = {bool: "True or False", int: "a whole number", float: "a number"}[want]
+    raise UserError(f"--{name}={text} is not {kind} (default: {default!r}); "
                     f"give e.g. --{name}={default}")
 
 
@@ -93,13 +94,20 @@ def require(condition, message):
 def run(main):
     """Run main(argv); a UserError becomes a one-line message and exit status 2.
 
-    Under torchrun every rank meets the same error, and only rank 0 prints it."""
+    Under torchrun every rank meets the same error, and only rank 0 prints it. Output whose
+    reader has gone (python train.py --help | head -3) ends the run quietly, with status 1."""
     try:
-        main(sys.argv[1:])
+        try:
+            main(sys.argv[1:])
+        finally:
+            sys.stdout.flush()  # a closed pipe raises here, not in Python's own flush at exit
     except UserError as e:
         if e.every_rank or os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        sys.exit(1)
 
 
 def print_results(results, as_json, print_table):
