@@ -38,7 +38,7 @@ log_interval = 25            # steps between progress-bar updates (each one wait
 dataset = "mnist"            # mnist or fashion (Fashion-MNIST)
 batch_size = 100             # images per step (over all ranks under torchrun); also the number of prior draws the MMD compares against
 # model
-latent_dim = 24              # size of z; 2 to plot the latent space; 24 keeps the MSE that the latent critic costs (README: the prior gap)
+latent_dim = 24              # size of z; 2 to plot the latent space; 24 keeps the MSE that the latent critic costs (docs/defaults.md)
 channels = 32                # conv widths are channels and 2*channels (the authors' tutorial: 64)
 hidden = 512                 # fully connected layer between convs and z (the tutorial: 1024)
 stochastic_encoder = False   # Gaussian q(z|x) with reparameterisation; needed for kl_weight > 0
@@ -47,21 +47,21 @@ recon_loss = "bce"           # bce (Bernoulli likelihood on pixel intensities) o
 mmd_weight = 100.0           # weight of MMD^2(q(z), N(0, I)); MMD^2 is ~1e-3 when matched, recon ~70 nats; the latent critic shares its job
 kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with mmd_weight=0) = ELBO-VAE
 kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
-kernel_scales = "0.05,0.1,0.2,0.5"  # comma-separated bandwidth multipliers of 2*latent_dim; narrow ones see the gaps between the codes' clusters (README)
+kernel_scales = "0.05,0.1,0.2,0.5"  # comma-separated bandwidth multipliers of 2*latent_dim; narrow ones see the gaps between the codes' clusters (docs/defaults.md)
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
-pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space; N(0, I) FID -20% (README: the prior gap)
-pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart); 10,30,100 drew worse samples (README)
-adv_weight = 18.0            # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic; 18 with ema_decay and the slower critic_lr (README: the prior gap)
+pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space; N(0, I) FID -20% (docs/defaults.md)
+pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart); 10,30,100 drew worse samples (docs/defaults.md)
+adv_weight = 18.0            # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic; 18 with ema_decay and the slower critic_lr (docs/defaults.md)
 critic_hidden = 128          # a fully connected layer of this many units between the critic's convolutions and its logit, which sees blends of two digits; 0 = none
 critic_lr = 6e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN); decays with lr; 6e-4 keeps weight 18's MSE under the bound and its IS over 8
-latent_adv_weight = 5.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 0 = none; N(0, I) FID -50% (README: the prior gap)
+latent_adv_weight = 5.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 0 = none; N(0, I) FID -50% (docs/defaults.md)
 latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999); decays with lr
 # ex-post prior (prior.py)
 prior_components = 50        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none); more fit the codes closer, and in the limit copy them (README: how many components)
 # optimizer
-epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores (README: the prior gap)
+epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores (docs/defaults.md)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
-lr = 3e-3                    # Adam learning rate at the start; in 10 epochs 3e-3 drew better samples than 2e-3 and 4e-3 within the MSE bound (README: the prior gap)
+lr = 3e-3                    # Adam learning rate at the start; in 10 epochs 3e-3 drew better samples than 2e-3 and 4e-3 within the MSE bound (docs/defaults.md)
 lr_decay = True              # cosine decay over the run, from lr to min_lr_ratio * lr
 min_lr_ratio = 0.1           # where the decay ends, as a fraction of lr (nanoGPT's min_lr is lr/10)
 ema_decay = 0.999            # sample, evaluate and fit the prior with an exponential moving average of the weights over ~1/(1-ema_decay) steps (0 = the last weights); lowers the MSE the critic costs

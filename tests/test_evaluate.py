@@ -83,7 +83,7 @@ def test_the_copy_check_flags_copies_of_training_images():
 
 
 def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
-    # The README's diagnosis of the prior gap rests on this estimate (experiments/code_geometry.py):
+    # The prior gap's diagnosis (docs/prior_gap.md) rests on this estimate (experiments/code_geometry.py):
     # codes on a 4-dimensional sheet inside 16 dimensions must measure about 4, N(0, I_16) about 16.
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:, :4]  # 4 orthonormal directions in 16-D
@@ -94,7 +94,7 @@ def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
 
 
 def test_neighbourhood_purity_tells_a_point_inside_a_cluster_from_one_between_clusters():
-    # The README's split of unsure N(0, I) draws into "inside a digit's cluster" and "between clusters".
+    # docs/prior_gap.md's split of unsure N(0, I) draws into "inside a digit's cluster" and "between clusters".
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
     labels = torch.arange(2).repeat_interleave(500)
