@@ -67,7 +67,7 @@ def test_one_optimiser_step_lowers_the_loss(overrides):
         return train.compute_loss(model, x, cfg)
 
     before, terms = loss_now()
-    assert torch.isfinite(before) and set(terms) == set(train.TERMS)
+    assert torch.isfinite(before) and set(terms) == {*train.TERMS, "mse"}
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
@@ -82,6 +82,21 @@ def test_pure_mmd_vae_has_no_kl_and_elbo_has_no_mmd():
     _, elbo = train.compute_loss(model, x, {**train.DEFAULTS, "mmd_weight": 0.0, "kl_weight": 1.0})
     assert mmd_vae["kl"].item() == 0 and mmd_vae["mmd"].item() != 0
     assert elbo["mmd"].item() == 0 and elbo["kl"].item() > 0
+
+
+def test_the_test_mse_is_of_the_reconstruction_from_the_code_mean():
+    # The log's test MSE comes out of compute_loss's pass; it must be the MSE of decode(encode(x)), the code
+    # mean's reconstruction, and not of a sampled code, even for a Gaussian encoder.
+    torch.manual_seed(0)
+    model = MMDVAE(latent_dim=4, channels=4, hidden=16, stochastic=True, critic=True, latent_critic=True)
+    images = torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8)
+    cfg = {**train.DEFAULTS, "stochastic_encoder": True, "kl_weight": 1.0, "precision": "fp32"}
+    metrics = train.test_metrics(model, images, cfg, batch_size=20)  # two batches of unequal size
+    x = train.data.to_float(images)
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(model.decode(model.encode(x)), x).item()
+    assert metrics["mse"] == pytest.approx(expected, rel=1e-6)
+    assert model.training  # test_metrics puts the model back into training mode
 
 
 def test_the_pixel_mmd_trains_the_decoder_only_and_sees_blank_samples():
