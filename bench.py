@@ -81,6 +81,8 @@ def default_model(device, cfg):
 def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compile_step=False, **overrides):
     """One training step exactly as train.py runs it; keyword overrides change train.py's settings."""
     cfg = {**cfg, **overrides}
+    if cfg["precision"] == "auto":
+        cfg["precision"], _ = train.resolve_precision(cfg, device)
     model = default_model(device, cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -274,9 +276,10 @@ def bench(device, quick, data_dir, train_options):
                "torch": torch.__version__, **train_options}
     images = data.load(cfg["dataset"], data_dir, device)["train"][0]
     train.speed_settings(device)
+    cfg["precision"], speedup = train.resolve_precision(cfg, device)  # as train.py would, once
 
     # Each optimisation switched, against train.py's step ("ours": fused Adam, bf16 autocast on CPUs
-    # with native bf16, a CUDA graph on CUDA).
+    # where it pays, a CUDA graph on CUDA).
     candidates = {"ours": our_step(images, device, cfg), "naive": naive_step(images, device, cfg),
                   "fp32_foreach_adam": our_step(images, device, cfg, foreach_adam=True, precision="fp32", cuda_graph=False),
                   "fp32_fused_adam": our_step(images, device, cfg, precision="fp32", cuda_graph=False),
@@ -298,7 +301,7 @@ def bench(device, quick, data_dir, train_options):
         candidates["bf16_cuda_graph"] = our_step(images, device, cfg, precision="bf16")
     ms, first = interleaved_ms_per_step(candidates, device, steps, repeats)
     ours, naive = ms["ours"] / 1000, ms["naive"] / 1000
-    results["precision"] = train.precision_name(device, cfg["precision"])
+    results["precision"] = train.precision_name(device, cfg["precision"], speedup)
     results["train"] = {"ours_images_per_s": cfg["batch_size"] / ours, "ours_ms_per_step": 1000 * ours,
                         "naive_images_per_s": cfg["batch_size"] / naive, "naive_ms_per_step": 1000 * naive,
                         "ratio": naive / ours}

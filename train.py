@@ -67,7 +67,7 @@ min_lr_ratio = 0.1           # where the decay ends, as a fraction of lr (nanoGP
 ema_decay = 0.999            # sample, evaluate and fit the prior with an exponential moving average of the weights over ~1/(1-ema_decay) steps (0 = the last weights); lowers the MSE the critic costs
 # system
 device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-precision = "auto"           # auto = bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; or bf16, fp32
+precision = "auto"           # auto = bf16 autocast on a CPU where a step measures at least 1.2x as fast as in fp32 (timed at start-up), else fp32; or bf16, fp32
 cuda_graph = True            # on CUDA, replay each whole step as one CUDA graph (this small model is launch-bound)
 deterministic = False        # deterministic kernels only, so identical GPU runs give identical weights (CPU runs already do)
 seed = 1337                  # model init, prior draws and data order all follow from it
@@ -253,7 +253,7 @@ def gather_codes(z):
 def test_metrics(model, images, cfg, batch_size=1000):
     """Mean loss terms and per-pixel MSE of the reconstruction from the code mean (compute_loss's), on `images`.
 
-    In the run's precision, as training: bf16 halves this pass's time on CPUs with native bf16 (4.4 s against
+    In the run's precision, as training: bf16 halved this pass's time on a CPU where it pays (4.4 s against
     9.3 s for the 10,000 test images, a twelfth of an epoch, when the MSE took a pass of its own) and moved the
     test MSE by 2e-6; evaluate.py's figures are float32."""
     model.eval()
@@ -377,15 +377,53 @@ def plot_losses(rows, path):
     plt.close(fig)
 
 
-def autocast_dtype(device, precision):
-    """torch.bfloat16 where bf16 autocast is asked for or pays, else None.
+BF16_MARGIN = 1.2  # --precision=auto takes bf16 only this much faster: a near tie, which could go either way, stays in fp32
 
-    bench.py: on a 2-core AVX512-BF16 CPU bf16 makes a step 1.6x faster with the same FID;
-    on an H200 this model is too small for bf16 to pay (eager 5.75 vs 4.94 ms per step)."""
-    if precision == "fp32" or device.type not in ("cpu", "cuda"):
-        return None
-    native_cpu = device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if precision == "bf16" or native_cpu else None
+
+def bf16_speedup(cfg, device, batch_size, repeats=3):
+    """fp32 time / bf16-autocast time of this run's forward and backward pass on `device` (above 1: bf16 is faster).
+
+    Whether bf16 pays depends on the CPU, not on whether it has bf16 instructions: bench.py's step took 1.6x
+    less time in bf16 on 2 cores of an AMD EPYC with AVX512-BF16, and 1.4x more on 2 cores of an Intel Xeon with
+    AVX512-BF16 but no AMX; on AVX-512 CPUs without AVX512-BF16 PyTorch emulates it. So it is timed: the best of
+    `repeats` passes each, after a warm-up, the two taking turns, on a model of its own (the run's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        model = make_model(cfg, device)
+        x = torch.rand(batch_size, 1, 28, 28, device=device)
+        best = {}
+        for attempt in range(repeats + 1):
+            for dtype in (torch.bfloat16, None):
+                started = time.perf_counter()
+                with autocast_to(device, dtype):
+                    loss, terms = compute_loss(model, x, cfg)
+                (loss + sum(terms[name] for name in CRITICS)).backward()
+                model.zero_grad(set_to_none=True)
+                if attempt:
+                    best[dtype] = min(best.get(dtype, math.inf), time.perf_counter() - started)
+    return best[None] / best[torch.bfloat16]
+
+
+def resolve_precision(cfg, device, world_size=1):
+    """(precision, speedup): "bf16" or "fp32" for this run, and bf16_speedup where --precision=auto measured it.
+
+    The checkpoint's config records the answer, so a resumed run computes as it started."""
+    if cfg["precision"] != "auto":
+        return cfg["precision"], None
+    if device.type != "cpu":  # on an H200 this model is too small for bf16 to pay (eager 5.75 vs 4.94 ms per step)
+        return "fp32", None
+    speedup = bf16_speedup(cfg, device, cfg["batch_size"] // world_size)
+    use_bf16 = torch.tensor([float(speedup >= BF16_MARGIN)])
+    if world_size > 1:  # every rank computes alike: bf16 only where it pays on all of them
+        dist.all_reduce(use_bf16, op=dist.ReduceOp.MIN)
+    return ("bf16" if use_bf16.item() else "fp32"), speedup
+
+
+def autocast_dtype(device, precision):
+    """torch.bfloat16 for a run in bf16 autocast (on a CPU or CUDA), else None: fp32. `precision` is resolved
+    (resolve_precision): "bf16" or "fp32"."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision {precision!r}: resolve 'auto' with resolve_precision first")
+    return torch.bfloat16 if precision == "bf16" and device.type in ("cpu", "cuda") else None
 
 
 def autocast_to(device, dtype, **kwargs):
@@ -393,8 +431,10 @@ def autocast_to(device, dtype, **kwargs):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, **kwargs)
 
 
-def precision_name(device, precision):
-    return "bf16 autocast" if autocast_dtype(device, precision) else "fp32"
+def precision_name(device, precision, speedup=None):
+    """How a run computes, for its first line; with what --precision=auto measured, where it did."""
+    name = "bf16 autocast" if autocast_dtype(device, precision) else "fp32"
+    return name if speedup is None else f"{name}: bf16 measured {speedup:.2f}x as fast as fp32 here"
 
 
 def make_model(cfg, device):
@@ -570,6 +610,8 @@ def main(argv):
 
 def train(cfg, saved, rank, world_size, device):
     master = rank == 0
+    precision, speedup = resolve_precision(cfg, device, world_size)
+    cfg = {**cfg, "precision": precision}  # auto, resolved: the checkpoint records it, so a resumed run computes alike
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     torch.manual_seed(cfg["seed"])  # the same on every rank: the same initial weights and prior draws
 
@@ -625,7 +667,7 @@ def train(cfg, saved, rank, world_size, device):
         use_graph = False
         if master:
             print("CUDA graphs are off under torchrun: the step's collectives are not captured; training eagerly")
-    mode = precision_name(device, cfg["precision"]) + (", CUDA graph" if use_graph else "")
+    mode = precision_name(device, precision, speedup) + (", CUDA graph" if use_graph else "")
     if master:
         ranks = f", {world_size} ranks of {rank_batch} images" if world_size > 1 else ""
         print(f"training on {device} ({mode}{ranks}): {num_params / 1e6:.2f}M parameters, {total_steps} steps "

@@ -188,6 +188,20 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
     assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 210
 
 
+def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mnist_dir):
+    # The trained fixture ran with --precision=auto: its checkpoint holds the answer, not "auto". Here it says bf16
+    # whatever this machine would measure, and the resumed run computes in bf16 without measuring again.
+    saved = checkpoint.load(str(trained / "ckpt.pt"))
+    assert saved["config"]["precision"] in ("bf16", "fp32")
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint.save(str(out / "ckpt.pt"), {**saved, "config": {**saved["config"], "precision": "bf16"}})
+    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--max_steps=202", f"--data_dir={mnist_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training on cpu (bf16 autocast)" in result.stdout and "measured" not in result.stdout
+    assert checkpoint.load(str(out / "ckpt.pt"))["config"]["precision"] == "bf16"
+
+
 @pytest.mark.parametrize("missing, model_args, sums, trained_with", [
     # before the pixel MMD and the critic: four running sums instead of nine
     (("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr", "latent_adv_weight", "latent_critic_lr"),

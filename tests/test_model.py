@@ -195,3 +195,21 @@ def test_the_learning_rate_decays_by_a_cosine_from_lr_to_its_floor(floor):
     assert rates[10] == pytest.approx((1 + floor) / 2 * 3e-3)  # halfway down at half the run
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     assert train.lr_at(500, 1000, {**cfg, "lr_decay": False}) == 3e-3
+
+
+def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
+    cpu, cfg = torch.device("cpu"), {**train.DEFAULTS, "channels": 4, "hidden": 16, "latent_dim": 3, "batch_size": 8}
+    # The measurement itself: a ratio of two real timings, and the run's random numbers left as they were.
+    rng = torch.get_rng_state()
+    speedup = train.bf16_speedup(cfg, cpu, cfg["batch_size"], repeats=1)
+    assert 0 < speedup < math.inf and torch.equal(torch.get_rng_state(), rng)
+    # The choice: bf16 only past the margin, a near tie in fp32; what is asked for is kept unmeasured.
+    for measured, chosen in ((1.6, "bf16"), (train.BF16_MARGIN, "bf16"), (1.1, "fp32"), (0.7, "fp32")):
+        monkeypatch.setattr(train, "bf16_speedup", lambda *args, measured=measured: measured)
+        assert train.resolve_precision(cfg, cpu) == (chosen, measured)
+    monkeypatch.setattr(train, "bf16_speedup", lambda *args: pytest.fail("measured where nothing is to be chosen"))
+    for asked in ("bf16", "fp32"):
+        assert train.resolve_precision({**cfg, "precision": asked}, cpu) == (asked, None)
+    assert train.resolve_precision(cfg, torch.device("cuda")) == ("fp32", None)  # too small a model for bf16 to pay there
+    with pytest.raises(ValueError, match="auto"):
+        train.autocast_dtype(cpu, "auto")
