@@ -115,6 +115,24 @@ def test_gathered_mmd_and_its_gradients_equal_the_one_process_mmd(tmp_path):
     assert abs(mmd(codes[:8], prior[:8], scales=[0.2, 1, 5]) - expected).item() > 1e-3
 
 
+PRECISION_WORKER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+train.bf16_speedup = lambda *args: (1.6, 1.0)[rank]  # bf16 pays on rank 0's CPU, not on rank 1's
+print(train.resolve_precision(train.DEFAULTS, torch.device("cpu"), world_size=2)[0])
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_that_measure_bf16_differently_all_compute_in_fp32():
+    results = launch(["-c", PRECISION_WORKER.format(repo=REPO)], timeout=120)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert [r.stdout.strip() for r in results] == ["fp32", "fp32"]
+
+
 def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tmp_path, mnist_dir):
     # With the pixel MMD on: each rank decodes its half of the prior draws, and the MMD is over all images.
     # With the critic (on by default): DDP averages its gradients, and its losses are means over images, so it learns as one.
