@@ -380,7 +380,7 @@ def plot_losses(rows, path):
 BF16_MARGIN = 1.2  # --precision=auto takes bf16 only this much faster: a near tie, which could go either way, stays in fp32
 
 
-def bf16_speedup(cfg, device, batch_size, repeats=3):
+def bf16_speedup(cfg, device, repeats=3):
     """fp32 time / bf16-autocast time of this run's forward and backward pass on `device` (above 1: bf16 is faster).
 
     Whether bf16 pays depends on the CPU, not on whether it has bf16 instructions: bench.py's step took 1.6x
@@ -389,7 +389,8 @@ def bf16_speedup(cfg, device, batch_size, repeats=3):
     `repeats` passes each, after a warm-up, the two taking turns, on a model of its own (the run's RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         model = make_model(cfg, device)
-        x = torch.rand(batch_size, 1, 28, 28, device=device)
+        # The global batch: a rank's share can be a single image, too few for the MMD.
+        x = torch.rand(cfg["batch_size"], 1, 28, 28, device=device)
         best = {}
         for attempt in range(repeats + 1):
             for dtype in (torch.bfloat16, None):
@@ -411,7 +412,7 @@ def resolve_precision(cfg, device, world_size=1):
         return cfg["precision"], None
     if device.type != "cpu":  # on an H200 this model is too small for bf16 to pay (eager 5.75 vs 4.94 ms per step)
         return "fp32", None
-    speedup = bf16_speedup(cfg, device, cfg["batch_size"] // world_size)
+    speedup = bf16_speedup(cfg, device)
     use_bf16 = torch.tensor([float(speedup >= BF16_MARGIN)])
     if world_size > 1:  # every rank computes alike: bf16 only where it pays on all of them
         dist.all_reduce(use_bf16, op=dist.ReduceOp.MIN)
@@ -610,8 +611,6 @@ def main(argv):
 
 def train(cfg, saved, rank, world_size, device):
     master = rank == 0
-    precision, speedup = resolve_precision(cfg, device, world_size)
-    cfg = {**cfg, "precision": precision}  # auto, resolved: the checkpoint records it, so a resumed run computes alike
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     torch.manual_seed(cfg["seed"])  # the same on every rank: the same initial weights and prior draws
 
@@ -621,6 +620,8 @@ def train(cfg, saved, rank, world_size, device):
     require(steps_per_epoch > 0, f"--batch_size={cfg['batch_size']} is larger than the training set")
     if cfg["prior_components"]:
         prior.check_components(cfg["prior_components"], len(train_images))
+    precision, speedup = resolve_precision(cfg, device, world_size)
+    cfg = {**cfg, "precision": precision}  # auto, resolved: the checkpoint records it, so a resumed run computes alike
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
