@@ -18,8 +18,9 @@ grep -v -E '^\s*(#|$)' "$1" | while read -r name args; do
   # shellcheck disable=SC2086
   if "$PYTHON" train.py --out_dir="$RUNS/$name" --overwrite=True --device="$DEVICE" $args > "$RUNS/$name.log" 2>&1; then
     awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f\n", b-a}' > "$RUNS/$name.time"
-    "$PYTHON" evaluate.py --checkpoint="$RUNS/$name/ckpt.pt" --device="$DEVICE" --json > "$RUNS/$name.json" \
-      || rm -f "$RUNS/$name.json"
+    # Written under another name and renamed once complete: a half-written JSON would read as a finished run.
+    "$PYTHON" evaluate.py --checkpoint="$RUNS/$name/ckpt.pt" --device="$DEVICE" --json > "$RUNS/$name.json.part" \
+      && mv "$RUNS/$name.json.part" "$RUNS/$name.json" || rm -f "$RUNS/$name.json.part"
   else
     tail -2 "$RUNS/$name.log"
   fi
