@@ -25,16 +25,17 @@ from torch import nn
 
 class MMDVAE(nn.Module):
     def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False, critic=False, latent_critic=False,
-                 critic_hidden=0):
+                 critic_hidden=0, critic_channels=0):
         super().__init__()
         for name, value, least in (("latent_dim", latent_dim, 1), ("channels", channels, 1), ("hidden", hidden, 1),
-                                   ("critic_hidden", critic_hidden, 0)):
+                                   ("critic_hidden", critic_hidden, 0), ("critic_channels", critic_channels, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
         self.latent_dim, self.stochastic = latent_dim, bool(stochastic)
         # The arguments that rebuild this exact network; saved in every checkpoint.
         self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic,
-                               critic=bool(critic), latent_critic=bool(latent_critic), critic_hidden=critic_hidden)
+                               critic=bool(critic), latent_critic=bool(latent_critic), critic_hidden=critic_hidden,
+                               critic_channels=critic_channels)
         c = channels
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.1),       # 28 -> 14
@@ -54,11 +55,13 @@ class MMDVAE(nn.Module):
         # A logit per image: real digit (> 0) or decoded prior draw (< 0). The encoder's convolutions,
         # then one linear layer (DCGAN's discriminator, with a LeakyReLU slope of 0.2), or with
         # critic_hidden > 0 a fully connected layer of that width first, which sees the whole digit at once.
-        head = [nn.Linear(2 * c * 7 * 7, critic_hidden), nn.LeakyReLU(0.2)] if critic_hidden else []
+        # Its convolutions are critic_channels and twice that wide (0: as wide as the encoder's).
+        k = critic_channels or c
+        head = [nn.Linear(2 * k * 7 * 7, critic_hidden), nn.LeakyReLU(0.2)] if critic_hidden else []
         self.critic = nn.Sequential(
-            nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Flatten(), *head, nn.Linear(critic_hidden or 2 * c * 7 * 7, 1),
+            nn.Conv2d(1, k, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(k, 2 * k, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Flatten(), *head, nn.Linear(critic_hidden or 2 * k * 7 * 7, 1),
         ) if critic else None
         # A logit per code: drawn from N(0, I) (> 0) or encoded from an image (< 0). An MLP of the
         # decoder's width, as the discriminator of adversarial autoencoders (Makhzani et al., 2015).

@@ -53,6 +53,7 @@ pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch'
 pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart); 10,30,100 drew worse samples (docs/defaults.md)
 adv_weight = 20.0            # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic; 20 with ema_decay and the slower critic_lr (docs/defaults.md)
 critic_hidden = 128          # a fully connected layer of this many units between the critic's convolutions and its logit, which sees blends of two digits; 0 = none
+critic_channels = 0          # the critic's conv widths are critic_channels and twice that; 0 = channels
 critic_lr = 5e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN); decays with lr; at weight 20, 5e-4 drew better samples than 6e-4 at a lower MSE
 latent_adv_weight = 5.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 0 = none; N(0, I) FID -50% (docs/defaults.md)
 latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999); decays with lr
@@ -77,7 +78,8 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
 # What a checkpoint saved before an option existed was trained with, where that is not today's default.
-BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0, "ema_decay": 0.0}
+BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0, "ema_decay": 0.0,
+                  "critic_channels": 0}
 # Each critic, as model.py names it (and compute_loss names its own loss): the options of its weight and learning rate.
 CRITICS = {"critic": ("adv_weight", "critic_lr"), "latent_critic": ("latent_adv_weight", "latent_critic_lr")}
 RECON_LOSSES = ("bce", "mse")
@@ -120,7 +122,7 @@ def parse_scales(text, name="kernel_scales"):
 def validate(cfg):
     for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
-    for name in ("max_steps", "ckpt_interval", "critic_hidden", "mmd_weight", "kl_weight", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
+    for name in ("max_steps", "ckpt_interval", "critic_hidden", "critic_channels", "mmd_weight", "kl_weight", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
                  "prior_components"):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
     for name in ("lr", "critic_lr", "latent_critic_lr"):
@@ -440,7 +442,8 @@ def precision_name(device, precision, speedup=None):
 
 def make_model(cfg, device):
     return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"],
-                  **{name: cfg[weight] > 0 for name, (weight, _) in CRITICS.items()}, critic_hidden=cfg["critic_hidden"]).to(device)
+                  **{name: cfg[weight] > 0 for name, (weight, _) in CRITICS.items()}, critic_hidden=cfg["critic_hidden"],
+                  critic_channels=cfg["critic_channels"]).to(device)
 
 
 def make_optimizer(model, cfg, device):

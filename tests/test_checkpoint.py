@@ -35,7 +35,8 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
         assert key in ckpt, key
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
     assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True,
-                                  "latent_critic": True, "critic_hidden": train.DEFAULTS["critic_hidden"]}
+                                  "latent_critic": True, "critic_hidden": train.DEFAULTS["critic_hidden"],
+                                  "critic_channels": train.DEFAULTS["critic_channels"]}
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
@@ -210,6 +211,8 @@ def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mn
     (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7, ("--latent_adv_weight=0",)),
     # before the critic's fully connected layer (its features went straight to the logit) and the moving average
     (("critic_hidden", "ema_decay"), ("critic_hidden",), 9, ("--critic_hidden=0", "--ema_decay=0")),
+    # before the critic's own widths (its convolutions were as wide as the encoder's)
+    (("critic_channels",), ("critic_channels",), 9, ("--critic_channels=0",)),
 ])
 def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
                                                                       trained_with):

@@ -40,7 +40,8 @@ def test_rebuilds_from_model_args():
     assert torch.equal(model.decode(z), twin.decode(z))
 
 
-@pytest.mark.parametrize("bad", [dict(latent_dim=0), dict(channels=-1), dict(hidden=2.5), dict(critic_hidden=-1)])
+@pytest.mark.parametrize("bad", [dict(latent_dim=0), dict(channels=-1), dict(hidden=2.5), dict(critic_hidden=-1),
+                                 dict(critic_channels=-1)])
 def test_rejects_non_positive_widths(bad):
     with pytest.raises(ValueError, match="(positive|non-negative) integer"):
         MMDVAE(**bad)
