@@ -3,7 +3,7 @@
     python bench.py              # a table
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
-    python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size
+    python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size, critic_channels
     python bench.py --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0 --latent_dim=16   # the first default's loss and size
 
   train       images/s and ms per step of the model and batch size (train.py's) through our loop
@@ -13,8 +13,9 @@
   one_thread  ours and naive again with one CPU thread (on a CPU with more), to show how each scales
   variants    our step with each optimisation switched: fp32 or bf16, foreach or fused Adam,
               channels_last, torch.compile, CUDA graphs (the first step's time includes
-              compiling or capturing); and without the latent critic, without the critic, and without
-              both and the pixel MMD (what those loss terms cost), and without the moving average
+              compiling or capturing); and without the latent critic, without the critic, with the
+              critic's convolutions half as wide, and without both critics and the pixel MMD (what
+              those loss terms cost), and without the moving average
   flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against this
               device's dense matmul FLOP/s in the precision the step computes in (bf16 or fp32)
   mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
@@ -40,7 +41,7 @@ from mmd import mmd
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
 # the pixel MMD's and the two critics' weights (to time the loss without those terms).
 TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
-                 "ema_decay")
+                 "ema_decay", "critic_channels")
 DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
 
 
@@ -291,6 +292,9 @@ def bench(device, quick, data_dir, train_options):
         candidates["without_latent_critic"] = our_step(images, device, cfg, latent_adv_weight=0.0)
     if cfg["adv_weight"] > 0:
         candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
+        # The critic with convolutions half as wide (the thirtieth round of the prior gap: faster, worse samples).
+        candidates["half_width_critic"] = our_step(images, device, cfg,
+                                                   critic_channels=max(1, (cfg["critic_channels"] or cfg["channels"]) // 2))
     if cfg["ema_decay"] > 0:
         candidates["without_average"] = our_step(images, device, cfg, ema_decay=0.0)
     if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0 or cfg["latent_adv_weight"] > 0:
