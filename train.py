@@ -53,7 +53,7 @@ pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch'
 pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart); 10,30,100 drew worse samples (docs/defaults.md)
 adv_weight = 20.0            # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic; 20 with ema_decay and the slower critic_lr (docs/defaults.md)
 critic_hidden = 128          # a fully connected layer of this many units between the critic's convolutions and its logit, which sees blends of two digits; 0 = none
-critic_channels = 0          # the critic's conv widths are critic_channels and twice that; 0 = channels
+critic_channels = 0          # the critic's conv widths are critic_channels and twice that; 0 = channels; at adv_weight 20, 16 and 48 drew worse samples (docs/defaults.md)
 critic_lr = 5e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN); decays with lr; at weight 20, 5e-4 drew better samples than 6e-4 at a lower MSE
 latent_adv_weight = 5.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 0 = none; N(0, I) FID -50% (docs/defaults.md)
 latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999); decays with lr
