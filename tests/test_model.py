@@ -202,8 +202,15 @@ def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
     cpu, cfg = torch.device("cpu"), {**train.DEFAULTS, "channels": 4, "hidden": 16, "latent_dim": 3, "batch_size": 8}
     # The measurement itself: a ratio of two real timings, and the run's random numbers left as they were.
     rng = torch.get_rng_state()
+    monkeypatch.setattr(train, "bf16_kernels", lambda: True)  # timed on any CPU, with oneDNN's kernels or without
     speedup = train.bf16_speedup(cfg, cpu, repeats=1)
     assert 0 < speedup < math.inf and torch.equal(torch.get_rng_state(), rng)
+    # Where oneDNN has no bf16 kernels, bf16 is emulated: fp32 at once, and the first line says why.
+    monkeypatch.setattr(train, "bf16_kernels", lambda: False)
+    monkeypatch.setattr(train, "make_model", lambda *args: pytest.fail("timed a CPU without bf16 kernels"))
+    assert train.resolve_precision(cfg, cpu) == ("fp32", 0.0)
+    assert train.precision_name(cpu, "fp32", 0.0) == "fp32: no bf16 kernels for this CPU"
+    assert train.precision_name(cpu, "bf16", 1.6) == "bf16 autocast: bf16 measured 1.60x as fast as fp32 here"
     # The choice: bf16 only past the margin, a near tie in fp32; what is asked for is kept unmeasured.
     for measured, chosen in ((1.6, "bf16"), (train.BF16_MARGIN, "bf16"), (1.1, "fp32"), (0.7, "fp32")):
         monkeypatch.setattr(train, "bf16_speedup", lambda *args, measured=measured: measured)
