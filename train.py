@@ -77,8 +77,8 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 # Options a resumed run may change; the rest define the model and its loss.
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
-# What a checkpoint saved before an option existed was trained with, where that is not today's default or a default
-# on trial may replace it (critic_channels: the thirtieth round's candidate is 16).
+# What a checkpoint saved before an option existed was trained with. Listed even where that is today's default
+# (critic_channels), so that a later default cannot change how an old checkpoint resumes.
 BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0, "ema_decay": 0.0,
                   "critic_channels": 0}
 # Each critic, as model.py names it (and compute_loss names its own loss): the options of its weight and learning rate.
