@@ -13,9 +13,9 @@
   one_thread  ours and naive again with one CPU thread (on a CPU with more), to show how each scales
   variants    our step with each optimisation switched: fp32 or bf16 (where the CPU has bf16
               kernels), foreach or fused Adam, channels_last, torch.compile, CUDA graphs (the
-              first step's time includes compiling or capturing); and without the latent critic, without the critic, with the
-              critic's convolutions half as wide, and without both critics and the pixel MMD (what
-              those loss terms cost), and without the moving average
+              first step's time includes compiling or capturing); and without the latent critic,
+              without the critic, with the critic's convolutions half as wide, and without both
+              critics and the pixel MMD (what those loss terms cost), and without the moving average
   flops       achieved FLOP/s of our training step (6 x multiply-adds per image) against this
               device's dense matmul FLOP/s in the precision the step computes in (bf16 or fp32)
   mmd         time and peak memory of one MMD^2 at N = M = 4096 and 16384, D = 64: ours vs
@@ -37,6 +37,7 @@ import data
 import train
 from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
+from model import critic_width
 
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
 # the pixel MMD's and the two critics' weights (to time the loss without those terms).
@@ -296,7 +297,7 @@ def bench(device, quick, data_dir, train_options):
         candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
         # The critic with convolutions half as wide (the thirtieth round of the prior gap: faster, worse samples).
         candidates["half_width_critic"] = our_step(images, device, cfg,
-                                                   critic_channels=max(1, (cfg["critic_channels"] or cfg["channels"]) // 2))
+                                                   critic_channels=max(1, critic_width(cfg["channels"], cfg["critic_channels"]) // 2))
     if cfg["ema_decay"] > 0:
         candidates["without_average"] = our_step(images, device, cfg, ema_decay=0.0)
     if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0 or cfg["latent_adv_weight"] > 0:

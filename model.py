@@ -23,6 +23,11 @@ import torch
 from torch import nn
 
 
+def critic_width(channels, critic_channels):
+    """The critic's first convolution's width (its second is twice that): critic_channels, or 0 for `channels`."""
+    return critic_channels or channels
+
+
 class MMDVAE(nn.Module):
     def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False, critic=False, latent_critic=False,
                  critic_hidden=0, critic_channels=0):
@@ -56,7 +61,7 @@ class MMDVAE(nn.Module):
         # then one linear layer (DCGAN's discriminator, with a LeakyReLU slope of 0.2), or with
         # critic_hidden > 0 a fully connected layer of that width first, which sees the whole digit at once.
         # Its convolutions are critic_channels and twice that wide (0: as wide as the encoder's).
-        k = critic_channels or c
+        k = critic_width(c, critic_channels)
         head = [nn.Linear(2 * k * 7 * 7, critic_hidden), nn.LeakyReLU(0.2)] if critic_hidden else []
         self.critic = nn.Sequential(
             nn.Conv2d(1, k, 4, stride=2, padding=1), nn.LeakyReLU(0.2),

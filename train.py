@@ -445,7 +445,8 @@ def autocast_to(device, dtype, **kwargs):
 
 
 def precision_name(device, precision, speedup=None):
-    """How a run computes, for its first line; with what --precision=auto measured, where it did."""
+    """How a run computes, for its first line; with what --precision=auto measured, where it did (0: not timed,
+    no bf16 kernels)."""
     name = "bf16 autocast" if autocast_dtype(device, precision) else "fp32"
     if speedup is None:
         return name
