@@ -611,6 +611,7 @@ def main(argv):
         data.ensure_files(cfg["dataset"], cfg["data_dir"])
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train's StopRequest replaces them
     try:
         train(cfg, saved, rank, world_size, device)
     except RuntimeError as e:
@@ -621,6 +622,8 @@ def main(argv):
         raise UserError(f"rank {rank}: another rank stopped ({reason}); {ckpt_path} holds the "
                         f"last checkpoint: continue with --resume=True", every_rank=True) from None
     finally:
+        for s, handler in handlers.items():  # called from Python (a notebook, the tests), Ctrl-C works again afterwards
+            signal.signal(s, handler)
         if world_size > 1:
             dist.destroy_process_group()
 

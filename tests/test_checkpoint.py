@@ -12,7 +12,7 @@ import torch
 import checkpoint
 import train
 from cli import UserError
-from conftest import REPO, TINY, assert_user_error, run_script
+from conftest import REPO, TINY, assert_user_error, run_script, train_here
 
 # Epochs of 234 steps with a tiny model: crosses an epoch boundary (test pass, grid, log row). Without the
 # moving average, whose resume the mid-epoch test covers: so both ways of resuming are tested.
@@ -108,10 +108,8 @@ def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path
     run = [*TINY, "--lr_decay=False", f"--data_dir={mnist_dir}", "--ema_decay=0.9"]
     capped, reference = tmp_path / "capped", tmp_path / "uncapped"
     for args in (["--max_steps=20"], ["--max_steps=30", "--resume=True"]):
-        result = run_script("train.py", *run, *args, f"--out_dir={capped}")
-        assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script("train.py", *run, "--max_steps=30", f"--out_dir={reference}")
-    assert result.returncode == 0, result.stderr[-2000:]
+        train_here(*run, *args, f"--out_dir={capped}")
+    train_here(*run, "--max_steps=30", f"--out_dir={reference}")
     resumed, uncapped = (torch.load(path / "ckpt.pt", weights_only=True) for path in (capped, reference))
     for key in ("model", "train_model"):
         assert_same_weights(resumed[key], uncapped[key])
@@ -123,8 +121,7 @@ def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weigh
     # with d = 0.5 it stays within a few steps of the last weights, but is not them.
     run = [*TINY, f"--data_dir={mnist_dir}", "--max_steps=12"]
     for name, extra in (("last", ["--ema_decay=0"]), ("averaged", ["--ema_decay=0.5"])):
-        result = run_script("train.py", *run, f"--out_dir={tmp_path / name}", *extra)
-        assert result.returncode == 0, result.stderr[-2000:]
+        train_here(*run, f"--out_dir={tmp_path / name}", *extra)
     last = torch.load(tmp_path / "last" / "ckpt.pt", weights_only=True)
     averaged = torch.load(tmp_path / "averaged" / "ckpt.pt", weights_only=True)
     assert_same_weights(averaged["train_model"], last["model"])
@@ -141,9 +138,7 @@ def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weigh
 def test_the_moving_average_of_a_short_run_is_of_its_steps_not_of_its_initial_weights(tmp_path, mnist_dir):
     # Bias-corrected as Adam's moments are: after one step the average is that step's weights, however close
     # to 1 the decay (uncorrected, 99.9% of it would be the random initial weights).
-    result = run_script("train.py", *TINY, f"--data_dir={mnist_dir}", "--max_steps=1", "--ema_decay=0.999",
-                        f"--out_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=1", "--ema_decay=0.999", f"--out_dir={tmp_path}")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for name in saved["model"]:
         torch.testing.assert_close(saved["model"][name], saved["train_model"][name], rtol=1e-6, atol=1e-7)
@@ -161,6 +156,17 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_statu
     assert saved["step"] > 0
 
 
+def test_train_called_from_python_gives_ctrl_c_back(tmp_path, mnist_dir):
+    # A run installs its own SIGINT and SIGTERM handlers (to save a checkpoint and stop); a notebook or a script
+    # that calls train.main must get its own back, or Ctrl-C would do nothing there afterwards.
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=1", f"--out_dir={tmp_path}")
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    with pytest.raises(UserError, match="diverged"):
+        train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=50", "--lr=1e6", f"--out_dir={tmp_path / 'nan'}")
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+
+
 def test_malicious_checkpoint_runs_no_code(tmp_path):
     marker = tmp_path / "PWNED"
 
@@ -175,7 +181,7 @@ def test_malicious_checkpoint_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
-def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_path, mnist_dir):
+def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_path, mnist_dir, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes((trained / "ckpt.pt").read_bytes())
@@ -183,13 +189,12 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
     result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--latent_dim=16")
     assert_user_error(result, "--latent_dim=16", "latent_dim=4")
     assert (out / "ckpt.pt").read_bytes() == before
-    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--max_steps=210", f"--data_dir={mnist_dir}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "max_steps changed from 200 to 210" in result.stdout
+    train_here(f"--out_dir={out}", "--resume=True", "--max_steps=210", f"--data_dir={mnist_dir}")
+    assert "max_steps changed from 200 to 210" in capsys.readouterr().out
     assert checkpoint.load(str(out / "ckpt.pt"))["step"] == 210
 
 
-def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mnist_dir):
+def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mnist_dir, capsys):
     # The trained fixture ran with --precision=auto: its checkpoint holds the answer, not "auto". Here it says bf16
     # whatever this machine would measure, and the resumed run computes in bf16 without measuring again.
     saved = checkpoint.load(str(trained / "ckpt.pt"))
@@ -197,9 +202,9 @@ def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mn
     out = tmp_path / "run"
     out.mkdir()
     checkpoint.save(str(out / "ckpt.pt"), {**saved, "config": {**saved["config"], "precision": "bf16"}})
-    result = run_script("train.py", f"--out_dir={out}", "--resume=True", "--max_steps=202", f"--data_dir={mnist_dir}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "training on cpu (bf16 autocast)" in result.stdout and "measured" not in result.stdout
+    train_here(f"--out_dir={out}", "--resume=True", "--max_steps=202", f"--data_dir={mnist_dir}")
+    stdout = capsys.readouterr().out
+    assert "training on cpu (bf16 autocast)" in stdout and "measured" not in stdout
     assert checkpoint.load(str(out / "ckpt.pt"))["config"]["precision"] == "bf16"
 
 
@@ -220,8 +225,7 @@ def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, 
     # or model_args, or their running sums. It resumes with those terms off, as it was trained, whatever today's
     # defaults are.
     run = (*TINY, f"--out_dir={tmp_path / 'run'}", f"--data_dir={mnist_dir}")
-    result = run_script("train.py", *run, "--max_steps=3", *trained_with)
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_here(*run, "--max_steps=3", *trained_with)
     old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     for name in missing:
         del old["config"][name]
@@ -229,8 +233,7 @@ def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, 
         del old["model_args"][name]
     old["running"] = old["running"][:sums]
     torch.save(old, tmp_path / "run" / "ckpt.pt")
-    result = run_script("train.py", *run, "--resume=True", "--max_steps=5")
-    assert result.returncode == 0, result.stderr[-2000:]
+    train_here(*run, "--resume=True", "--max_steps=5")
     resumed = checkpoint.load(str(tmp_path / "run" / "ckpt.pt"))
     assert resumed["step"] == 5
     assert all(resumed["config"][option.split("=")[0][2:]] == 0.0 for option in trained_with)

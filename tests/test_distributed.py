@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 import train
-from conftest import REPO, TINY, assert_user_error
+from conftest import REPO, TINY, assert_user_error, train_here
 
 # Two ranks of 16 images against one process of 32, in float32 (TINY's) so that only summation order differs.
 RUN = [*TINY, "--lr_decay=False"]
@@ -60,14 +60,6 @@ def torchrun(*args, world_size=2):
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={world_size}", "train.py", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def one_process(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
 
 
 def largest_weight_difference(a, b):
@@ -138,7 +130,7 @@ def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tm
     # With the critic (on by default): DDP averages its gradients, and its losses are means over images, so it learns as one.
     # With the latent critic: every rank scores the gathered codes of the whole batch against the same prior draws.
     args = [*RUN, "--pixel_mmd_weight=300", "--latent_adv_weight=5", "--max_steps=10", f"--data_dir={mnist_dir}"]
-    one_process(*args, f"--out_dir={tmp_path / 'one'}")
+    train_here(*args, f"--out_dir={tmp_path / 'one'}")  # the one process: this one
     process = torchrun(*args, f"--out_dir={tmp_path / 'two'}")
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
@@ -152,7 +144,7 @@ def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tm
     assert stderr.count(f"epoch 1/{train.DEFAULTS['epochs']}:   0%") == 1  # one progress bar, rank 0's
 
 
-def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tmp_path, mnist_dir):
+def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tmp_path, mnist_dir, capsys):
     stopped, reference = tmp_path / "stopped", tmp_path / "reference"
     process = torchrun(*RUN, "--max_steps=100000", f"--data_dir={mnist_dir}", f"--out_dir={stopped}")
     for line in process.stdout:  # past imports and data loading: the loop runs
@@ -171,11 +163,11 @@ def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tm
     # differ only in summation order, but that drift grows with the steps, from 1e-7 after 10 steps to about 2e-5
     # after 100, and the signal lands at a step the machine's speed decides.)
     end = f"--max_steps={saved['step'] + 10}"
-    result = one_process(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={stopped}")
-    assert "saved by 2 ranks, now 1" in result.stdout
+    train_here(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={stopped}")
+    assert "saved by 2 ranks, now 1" in capsys.readouterr().out
     process = torchrun(*RUN, f"--max_steps={saved['step']}", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
     assert process.wait(timeout=300) == 0
-    one_process(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
+    train_here(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
     assert largest_weight_difference(stopped, reference) < SAME_RUN
 
 
