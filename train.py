@@ -60,7 +60,7 @@ latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the sta
 # ex-post prior (prior.py)
 prior_components = 50        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none); more fit the codes closer, and in the limit copy them (README: how many components)
 # optimizer
-epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores with fast bf16, 13 min in fp32 (docs/defaults.md)
+epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores with fast bf16, 13 to 16 min in fp32 (docs/defaults.md)
 max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
 lr = 3e-3                    # Adam learning rate at the start; in 10 epochs 3e-3 drew better samples than 2e-3 and 4e-3 within the MSE bound (docs/defaults.md)
 lr_decay = True              # cosine decay over the run, from lr to min_lr_ratio * lr
