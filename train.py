@@ -564,9 +564,11 @@ def speed_settings(device, deterministic=False):
 class StopRequest:
     """Ctrl-C or SIGTERM: remembered here, acted on at the next log step or epoch end (by all ranks at once)."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
         self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in self.SIGNALS:
             signal.signal(s, self.handle)
 
     def handle(self, signum, frame):
@@ -611,7 +613,7 @@ def main(argv):
         data.ensure_files(cfg["dataset"], cfg["data_dir"])
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train's StopRequest replaces them
+    handlers = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}  # train's StopRequest replaces them
     try:
         train(cfg, saved, rank, world_size, device)
     except RuntimeError as e:

@@ -159,12 +159,15 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_statu
 def test_train_called_from_python_gives_ctrl_c_back(tmp_path, mnist_dir):
     # A run installs its own SIGINT and SIGTERM handlers (to save a checkpoint and stop); a notebook or a script
     # that calls train.main must get its own back, or Ctrl-C would do nothing there afterwards.
-    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    def handlers():
+        return [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+
+    before = handlers()
     train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=1", f"--out_dir={tmp_path}")
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    assert handlers() == before
     with pytest.raises(UserError, match="diverged"):
         train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=50", "--lr=1e6", f"--out_dir={tmp_path / 'nan'}")
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    assert handlers() == before
 
 
 def test_malicious_checkpoint_runs_no_code(tmp_path):
