@@ -325,6 +325,13 @@ def shown_terms(values, cfg):
             for name, value in zip(("loss", *TERMS), values) if name not in off}
 
 
+def time_left(seconds):
+    """', about N min left' for the epoch line (tqdm's bar shows only the epoch's own); '' at the end."""
+    if seconds <= 0:
+        return ""
+    return f", about {seconds:.0f}s left" if seconds < 90 else f", about {seconds / 60:.0f} min left"
+
+
 def write_log(path, rows):
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
@@ -702,7 +709,7 @@ def train(cfg, saved, rank, world_size, device):
     train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn)
     fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     stop = StopRequest()
-    started = time.time()
+    started, first_step = time.time(), step  # for the time left, from this process's own pace
 
     def mean_over_ranks(values):
         """`values` (loss sums, and a stop flag) averaged over ranks: one all-reduce, so every rank acts alike."""
@@ -782,7 +789,8 @@ def train(cfg, saved, rank, world_size, device):
             write_log(log_path, log_rows)
             shown = shown_terms(means, cfg)
             print(f"epoch {epoch + 1}: train loss {shown.pop('loss')} ({', '.join(f'{k} {v}' for k, v in shown.items())})"
-                  f" | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s")
+                  f" | test recon {test['recon']:.2f}, mmd {test['mmd']:.2e}, mse {test['mse']:.5f} | {seconds:.0f}s"
+                  + time_left(seconds / max(step - first_step, 1) * (total_steps - step)))
             with torch.no_grad(), atomic_write(os.path.join(cfg["out_dir"], f"samples_epoch{epoch + 1}.png")) as tmp:
                 save_grid(averaged.eval().decode(fixed_noise), tmp, nrow=8)
             model.train()

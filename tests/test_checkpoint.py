@@ -80,6 +80,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_
     reference = tmp_path / "uninterrupted"
     result = run_script("train.py", *FAULT_RUN, f"--out_dir={reference}", f"--data_dir={mnist_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and "left" in epoch_lines[0] and "left" not in epoch_lines[1]  # the time left, until the end
 
     out, rng = tmp_path / "killed", random.Random(0)
     process = start_training(out, f"--data_dir={mnist_dir}")
