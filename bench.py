@@ -34,10 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import data
+import hybrid
 import train
 from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
-from model import critic_width
 
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
 # the pixel MMD's and the two critics' weights (to time the loss without those terms).
@@ -76,6 +76,7 @@ def mmd_expanded(x, y, scales, unit):
 
 
 def default_model(device, cfg):
+    """(model, critics) as train.py builds them, from seed 0."""
     torch.manual_seed(0)
     return train.make_model(cfg, device)
 
@@ -85,13 +86,13 @@ def our_step(images, device, cfg, foreach_adam=False, channels_last=False, compi
     cfg = {**cfg, **overrides}
     if cfg["precision"] == "auto":
         cfg["precision"], _ = train.resolve_precision(cfg, device)
-    model = default_model(device, cfg)
+    model, critics = default_model(device, cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = (torch.optim.Adam(model.parameters(), lr=cfg["lr"]) if foreach_adam
-                 else train.make_optimizer(model, cfg, device))
+    optimizer = (torch.optim.Adam([*model.parameters(), *critics.parameters()], lr=cfg["lr"]) if foreach_adam
+                 else train.make_optimizer(model, critics, cfg, device))
     loss_fn = torch.compile(train.compute_loss) if compile_step else train.compute_loss
-    train_step = train.make_train_step(model, optimizer, cfg, device, loss_fn)
+    train_step = train.make_train_step(model, optimizer, cfg, device, loss_fn, critics)
     averaged = copy.deepcopy(model).requires_grad_(False) if cfg["ema_decay"] else None
     batches = data.batch_order(len(images), cfg["batch_size"], 0, 0).to(device)
     position = [0]
@@ -141,12 +142,11 @@ def naive_fooled(critic, made):
 def naive_step(images, device, cfg):
     """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32,
     and each critic as in DCGAN: its own Adam and its own backward pass, before the decoder's and encoder's."""
-    model = default_model(device, cfg)
-    critics = {name: (getattr(model, name), torch.optim.Adam(getattr(model, name).parameters(), lr=cfg[lr], betas=(0.5, 0.999)),
-                      cfg[weight])
-               for name, (weight, lr) in train.CRITICS.items() if getattr(model, name) is not None}
-    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if name.split(".")[0] not in train.CRITICS],
-                                 lr=cfg["lr"])
+    model, modules = default_model(device, cfg)
+    critics = {name: (critic, torch.optim.Adam(critic.parameters(), lr=cfg[hybrid.CRITICS[name][1]], betas=(0.5, 0.999)),
+                      cfg[hybrid.CRITICS[name][0]])
+               for name, critic in modules.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     dataset = TensorDataset(images.cpu().float().div(255).unsqueeze(1))
     batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
 
@@ -297,7 +297,7 @@ def bench(device, quick, data_dir, train_options):
         candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
         # The critic with convolutions half as wide (the thirtieth round of the prior gap: faster, worse samples).
         candidates["half_width_critic"] = our_step(images, device, cfg,
-                                                   critic_channels=max(1, critic_width(cfg["channels"], cfg["critic_channels"]) // 2))
+                                                   critic_channels=max(1, hybrid.critic_width(cfg["channels"], cfg["critic_channels"]) // 2))
     if cfg["ema_decay"] > 0:
         candidates["without_average"] = our_step(images, device, cfg, ema_decay=0.0)
     if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0 or cfg["latent_adv_weight"] > 0:
@@ -317,7 +317,7 @@ def bench(device, quick, data_dir, train_options):
     if device.type == "cpu" and torch.get_num_threads() > 1:
         results["one_thread"] = one_thread_ratio(images, device, cfg, steps, repeats)
 
-    macs = multiply_adds_per_image(default_model(device, cfg))
+    macs = multiply_adds_per_image(default_model(device, cfg)[0])
     achieved = 6 * macs * cfg["batch_size"] / ours
     # Against a matmul in the precision the step computes in (bf16 where autocast is on).
     dtype = train.autocast_dtype(device, cfg["precision"]) or torch.float32
@@ -336,7 +336,7 @@ def bench(device, quick, data_dir, train_options):
             seconds, peak_bytes = time_mmd(form, n, 64, device, repeats=2 if form == "expanded" else repeats)
             results["mmd"][str(n)][form] = {"seconds": seconds, "peak_gib": peak_bytes / 2**30}
 
-    model = default_model(device, cfg).eval()
+    model = default_model(device, cfg)[0].eval()
     z = torch.randn(10000, cfg["latent_dim"], device=device)
 
     def decode_all():

@@ -3,7 +3,9 @@
 A checkpoint holds: model (the state_dict to sample from; with ema_decay, the moving average,
 and train_model the last weights), model_args (to rebuild MMDVAE), config
 (every hyperparameter of the run), optimizer, epoch and step, and the RNG states
-that make a resumed run continue exactly where it stopped.
+that make a resumed run continue exactly where it stopped; a hybrid run's also holds
+critics (hybrid.py). Checkpoints from before the critics had a module of their own
+read as if written today (split_legacy_critics).
 
 Writing goes to a temporary file in the same folder, fsync, then os.replace: a kill
 at any moment leaves the previous checkpoint intact. Reading uses
@@ -28,13 +30,17 @@ def save(path, checkpoint):
         torch.save({"format": FORMAT, **checkpoint}, tmp)
 
 
+def require_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`, or point to another file")
+
+
 def load(path, device="cpu"):
     """The checkpoint dict at `path`, or a UserError saying what is wrong with the file.
 
     Whatever the file holds (text, random bytes, a truncated or foreign zip, a tensor, a
     dict with keys missing or of the wrong type), the answer is one line."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`, or point to another file")
+    require_file(path)
     try:
         with warnings.catch_warnings():  # a foreign pickle protocol warns before it fails; the error says it all
             warnings.simplefilter("ignore")
@@ -53,6 +59,27 @@ def load(path, device="cpu"):
     problem = malformed(checkpoint)
     if problem:
         raise UserError(f"{path} is a damaged checkpoint ({problem}); retrain, or restore it from a backup")
+    return split_legacy_critics(checkpoint)
+
+
+# Until December 2026 the hybrid's critics lived inside MMDVAE: model_args said which there were, and their
+# weights sat under these names in model and train_model.
+LEGACY_CRITIC_ARGS = ("critic", "latent_critic", "critic_hidden", "critic_channels")
+CRITIC_NAMES = ("critic", "latent_critic")
+
+
+def split_legacy_critics(checkpoint):
+    """An old hybrid checkpoint in today's layout: the MMDVAE's weights alone in model and train_model, the
+    critics' under "critics" (their last weights: the moving average of a critic was never used)."""
+    if not any(k in checkpoint["model_args"] for k in LEGACY_CRITIC_ARGS):
+        return checkpoint
+    checkpoint["model_args"] = {k: v for k, v in checkpoint["model_args"].items() if k not in LEGACY_CRITIC_ARGS}
+    kept = [key for key in ("model", "train_model") if isinstance(checkpoint.get(key), dict)]
+    critics = {k: v for k, v in checkpoint[kept[-1]].items() if k.split(".")[0] in CRITIC_NAMES}
+    for key in kept:
+        checkpoint[key] = {k: v for k, v in checkpoint[key].items() if k.split(".")[0] not in CRITIC_NAMES}
+    if critics:
+        checkpoint["critics"] = critics
     return checkpoint
 
 

@@ -1,17 +1,22 @@
 """What train.py, sample.py and evaluate.py share at the shell boundary.
 
-- `--name=value` overrides of a script's defaults (nanoGPT style), type-checked;
+- `--name=value` overrides of a script's defaults (nanoGPT style), type-checked, and preset
+  files (config/NAME.py: `name = value` lines) read with ast, never run;
 - `UserError`: a mistake the user can fix. `run(main)` prints it as one line,
   `error: ...`, and exits with status 2 instead of a traceback;
 - the "auto" device choice, and files written atomically (a temporary file in the
-  same folder, fsync, os.replace) so a crash never leaves a half-written one.
+  same folder, fsync, os.replace) so a crash never leaves a half-written one;
+- RunLock: one writer per run folder at a time.
 """
 import ast
+import fcntl
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 
 import torch
@@ -47,38 +52,92 @@ def parse_overrides(defaults, argv, script):
             raise UserError(f"cannot read argument {arg!r}: write options as --name=value (see python {script} --help)")
         name, text = arg[2:].split("=", 1)
         if name not in defaults:
-            close = [k for k in defaults if k.startswith(name[:3])]
-            hint = f" (did you mean {', '.join('--' + k for k in close)}?)" if close else ""
-            raise UserError(f"unknown option --{name}{hint}; python {script} --help lists them all")
+            raise unknown_option(name, defaults, script, prefix="--")
         config[name] = convert(name, text, defaults[name])
         given.add(name)
     return config, given
 
 
+KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string in quotes"}
+
+
+def typed(value, default):
+    """`value` as the type of `default` (an int is taken for a float), or None where it is not one."""
+    if type(default) is float and type(value) is int:
+        value = float(value)
+    if type(value) is float and not math.isfinite(value):  # 1e309 reads as inf
+        return None
+    return value if type(value) is type(default) else None
+
+
 def convert(name, text, default):
     """Parse `text` into the type of `default`, or raise a UserError naming both."""
-    want = type(default)
-    if want is str:
+    if type(default) is str:
         return text
-    if want is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
+    if type(default) is bool:
+        value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
     else:
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        if want is float and type(value) is int:
-            value = float(value)
-        if want is float and type(value) is float and not math.isfinite(value):  # 1e309 reads as inf
-            raise UserError(f"--{name}={text} is not a finite number; give e.g. --{name}={default}")
-        if type(value) is want:
-            return value
-    kind = {bool: "True or False", int: "a whole number", float: "a number"}[want]
-    raise UserError(f"--{name}={text} is not {kind} (default: {default!r}); "
-                    f"give e.g. --{name}={default}")
+    result = typed(value, default)
+    if result is None:
+        infinite = type(value) is float and not math.isfinite(value)  # 1e309 reads as inf
+        kind = "a finite number" if infinite and type(default) is float else KINDS[type(default)]
+        raise UserError(f"--{name}={text} is not {kind} (default: {default!r}); give e.g. --{name}={default}")
+    return result
+
+
+def unknown_option(name, defaults, script, prefix=""):
+    """The UserError for an option `defaults` does not have, with the names that start alike."""
+    close = [prefix + k for k in defaults if k.startswith(name[:3])]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"unknown option {prefix}{name}{hint}; python {script} --help lists them all")
+
+
+def read_presets(argv, defaults, script):
+    """(values, names, the other arguments): the preset files among `argv` (arguments that do not start with
+    "-"), read in order, as {option: value}; names are the files' stems, e.g. ["hybrid"].
+
+    A preset holds `name = value` lines (a literal: number, string, True or False) and comments, and nothing
+    else; it is parsed with ast and never run. Each name must be one of `defaults`, of its type. Anything
+    else is a UserError naming the file and the line."""
+    values, names, rest = {}, [], []
+    for arg in argv:
+        if arg.startswith("-"):
+            rest.append(arg)
+            continue
+        try:
+            with open(arg, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
+            raise UserError(f"cannot read preset {arg} ({reason}); options are --name=value, and a preset is a "
+                            f"file such as config/hybrid.py") from None
+        try:
+            tree = ast.parse(source, arg)
+        except SyntaxError as e:
+            raise UserError(f"{arg}, line {e.lineno}: not valid Python ({e.msg}); a preset holds `name = value` "
+                            f"lines and comments") from None
+        for node in tree.body:
+            where = f"{arg}, line {node.lineno}"
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                raise UserError(f"{where}: a preset holds only `name = value` lines and comments, not "
+                                f"{first_line(ast.get_source_segment(source, node) or type(node).__name__, 60)!r}")
+            name = node.targets[0].id
+            if name not in defaults:
+                raise UserError(f"{where}: {unknown_option(name, defaults, script)}")
+            try:
+                value = typed(ast.literal_eval(node.value), defaults[name])
+            except ValueError:  # not a literal: a name, a call, an expression
+                value = None
+            if value is None:
+                raise UserError(f"{where}: {name} must be {KINDS[type(defaults[name])]}, like its default "
+                                f"{defaults[name]!r}, not {first_line(ast.get_source_segment(source, node.value), 60)}")
+            values[name] = value
+        names.append(os.path.splitext(os.path.basename(arg))[0])
+    return values, names, rest
 
 
 def first_line(error, width=100):
@@ -181,3 +240,62 @@ def atomic_write(path):
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+LOCK_NAME = ".writer.lock"
+
+
+class RunLock:
+    """The one-writer lock on a run folder: an exclusive flock on {folder}/.writer.lock, which holds the
+    writer's PID, host, start time and command line. It is the OS's lock, so it ends with the process (a
+    crash or SIGKILL included) and none is ever left behind; release() ends it sooner. A second writer gets a
+    UserError naming the holder and `advice`, and changes nothing in the folder. Readers take no lock: every
+    file in a run is replaced whole (atomic_write), so they never see half of one."""
+
+    def __init__(self, folder, advice, option=""):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.file = open(os.path.join(folder, LOCK_NAME), "a+")  # a+ creates, and never truncates
+        except OSError as e:
+            raise UserError(f"cannot write to {option}{folder} ({e.strerror}); choose a writable folder with free "
+                            f"space") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read()
+            self.file.close()
+            raise UserError(f"{folder} is being written by another process ({describe_holder(holder)}); "
+                            f"a run folder has one writer at a time: {advice}") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: some network filesystems have no working locks
+            self.file.close()
+            self.file = None
+            print(f"warning: {folder} has no working file locks ({e.strerror}); nothing stops a second process "
+                  f"from writing this run at the same time", file=sys.stderr)
+            return
+        self.file.seek(0)
+        self.file.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                   "command": " ".join(sys.argv)[:500]}, self.file)
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing the file ends the lock
+            self.file = None
+
+
+def describe_holder(text):
+    """'PID 123 on host, since 2026-12-07 05:41:07: python train.py ...' from a lock file's JSON."""
+    try:
+        holder = json.loads(text)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["started"])))
+        return f"PID {int(holder['pid'])} on {holder['host']}, since {started}: {str(holder['command'])[:80]}"
+    except (ValueError, KeyError, TypeError):  # the holder is between taking the lock and writing its name
+        return "a process that has just started"

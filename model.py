@@ -9,10 +9,8 @@ arXiv:1706.02262; ermongroup.github.io/blog/a-tutorial-on-mmd-variational-autoen
 Widths are constructor arguments: a small network trains in minutes on a laptop
 CPU, a wide one fills a GPU. With stochastic=True the encoder outputs a Gaussian
 q(z|x) = N(mu, diag(exp(logvar))) and samples it by reparameterisation, so the
-ELBO-VAE baseline and InfoVAE mixes share this module. With critic=True it also holds
-the critic that train.py's adv_weight trains against the decoder, and with
-latent_critic=True the one that latent_adv_weight trains against the encoder; sampling
-never uses either.
+ELBO-VAE baseline and InfoVAE mixes share this module. The hybrid preset's critics
+live in critics.py; this module is the whole MMD-VAE.
 
     model = MMDVAE(latent_dim=8)
     z = model.encode(x)           # x: (N, 1, 28, 28) in [0, 1] -> (N, latent_dim)
@@ -23,24 +21,15 @@ import torch
 from torch import nn
 
 
-def critic_width(channels, critic_channels):
-    """The critic's first convolution's width (its second is twice that): critic_channels, or 0 for `channels`."""
-    return critic_channels or channels
-
-
 class MMDVAE(nn.Module):
-    def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False, critic=False, latent_critic=False,
-                 critic_hidden=0, critic_channels=0):
+    def __init__(self, latent_dim=8, channels=32, hidden=512, stochastic=False):
         super().__init__()
-        for name, value, least in (("latent_dim", latent_dim, 1), ("channels", channels, 1), ("hidden", hidden, 1),
-                                   ("critic_hidden", critic_hidden, 0), ("critic_channels", critic_channels, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
+        for name, value in (("latent_dim", latent_dim), ("channels", channels), ("hidden", hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.latent_dim, self.stochastic = latent_dim, bool(stochastic)
         # The arguments that rebuild this exact network; saved in every checkpoint.
-        self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic,
-                               critic=bool(critic), latent_critic=bool(latent_critic), critic_hidden=critic_hidden,
-                               critic_channels=critic_channels)
+        self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic)
         c = channels
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.1),       # 28 -> 14
@@ -57,24 +46,6 @@ class MMDVAE(nn.Module):
             nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), nn.ReLU(),  # 7 -> 14
             nn.ConvTranspose2d(c, 1, 4, stride=2, padding=1),                 # 14 -> 28, logits
         )
-        # A logit per image: real digit (> 0) or decoded prior draw (< 0). The encoder's convolutions,
-        # then one linear layer (DCGAN's discriminator, with a LeakyReLU slope of 0.2), or with
-        # critic_hidden > 0 a fully connected layer of that width first, which sees the whole digit at once.
-        # Its convolutions are critic_channels and twice that wide (0: as wide as the encoder's).
-        k = critic_width(c, critic_channels)
-        head = [nn.Linear(2 * k * 7 * 7, critic_hidden), nn.LeakyReLU(0.2)] if critic_hidden else []
-        self.critic = nn.Sequential(
-            nn.Conv2d(1, k, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(k, 2 * k, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-            nn.Flatten(), *head, nn.Linear(critic_hidden or 2 * k * 7 * 7, 1),
-        ) if critic else None
-        # A logit per code: drawn from N(0, I) (> 0) or encoded from an image (< 0). An MLP of the
-        # decoder's width, as the discriminator of adversarial autoencoders (Makhzani et al., 2015).
-        self.latent_critic = nn.Sequential(
-            nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2),
-            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-            nn.Linear(hidden, 1),
-        ) if latent_critic else None
 
     def encode_distribution(self, x):
         """(mu, logvar) of q(z|x); logvar is None for the deterministic encoder."""

@@ -11,6 +11,7 @@
 The model is rebuilt from the checkpoint alone (its model_args and config), so
 this script needs no knowledge of how it was trained.
 """
+import contextlib
 import os
 
 import torch
@@ -19,7 +20,7 @@ import checkpoint
 import data
 import prior
 import train
-from cli import atomic_write, parse_overrides, pick_device, require, run
+from cli import RunLock, atomic_write, parse_overrides, pick_device, require, run
 from evaluate import in_batches
 
 DEFAULTS = dict(
@@ -109,9 +110,13 @@ def main(argv):
             f"--prior={cfg['prior']} applies to --mode=sample, the only mode that draws from the prior")
     device = pick_device(cfg["device"])
     path = cfg["checkpoint"] or os.path.join(cfg["out_dir"], "ckpt.pt")
-    model, ckpt = checkpoint.load_model(path, device, check_prior=not cfg["fit_prior"])
-    if cfg["fit_prior"]:
-        fit_prior(model, ckpt, path, cfg["prior_components"], device)
+    checkpoint.require_file(path)
+    # --fit_prior rewrites the checkpoint: it is then the run folder's one writer (cli.RunLock); sampling only reads.
+    with RunLock(os.path.dirname(os.path.abspath(path)), "wait for it to end (sampling without --fit_prior works "
+                 "meanwhile), or stop that process") if cfg["fit_prior"] else contextlib.nullcontext():
+        model, ckpt = checkpoint.load_model(path, device, check_prior=not cfg["fit_prior"])
+        if cfg["fit_prior"]:
+            fit_prior(model, ckpt, path, cfg["prior_components"], device)
     require(cfg["prior"] == "normal" or "prior" in ckpt,
             f"{path} has no ex-post prior; fit one with `python sample.py --fit_prior --checkpoint={path}`")
     try:

@@ -1,24 +1,23 @@
 """Train an MMD-VAE on MNIST.
 
-    python train.py                                  # the defaults below
-    python train.py --latent_dim=16 --epochs=30      # any default, overridden
+    python train.py                                  # the MMD-VAE, with the defaults below
+    python train.py --latent_dim=8 --epochs=30       # any default, overridden
+    python train.py config/hybrid.py --epochs=20     # a preset file first, then the flags
     python train.py --resume=True                    # continue out/ckpt.pt
-    python train.py --kl_weight=1 --mmd_weight=0 --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0 --stochastic_encoder=True   # ELBO-VAE
     torchrun --standalone --nproc_per_node=4 train.py                        # 4 GPUs (or CPU processes)
 
 Loss per image (Zhao, Song & Ermon, "InfoVAE", arXiv:1706.02262):
     reconstruction  -log p(x|z), summed over the 784 pixels
-  + mmd_weight * MMD^2(q(z), p(z))        aggregate posterior vs prior N(0, I)
-  + kl_weight  * KL(q(z|x) || p(z))       the ELBO's term, per image
-  + pixel_mmd_weight * MMD^2(decoded N(0, I) draws, the batch's images), in pixel space
-  + adv_weight * -log sigmoid(critic(decoded draw))   a critic's verdict on the draws
-  + latent_adv_weight * -log sigmoid(latent_critic(z))   a critic's verdict on the codes
-kl_weight=0 is the pure MMD-VAE; kl_weight=1, mmd_weight=0 is the ELBO-VAE.
+  + mmd_weight * MMD^2(q(z), p(z))        aggregate posterior vs prior N(0, I), Gaussian kernel
+  + kl_weight  * KL(q(z|x) || p(z))       the ELBO's term, per image (0 here: the MMD-VAE)
+The presets in config/ name what they change: config/elbo.py is the ELBO-VAE, config/hybrid.py adds
+the pixel MMD and two critics of hybrid.py, config/tutorial.py and config/seed_notebook.py are the
+InfoVAE authors' tutorial and the notebook this repo grew from.
 
 Each epoch writes {out_dir}/ckpt.pt, a row of {out_dir}/log.csv and a grid of
 samples {out_dir}/samples_epoch{N}.png. The run ends by fitting the ex-post prior
 (a Gaussian mixture over the train codes, prior.py) into the checkpoint, and
-writing {out_dir}/losses.png.
+writing {out_dir}/losses.png. One process writes a run folder at a time (a lock in it).
 
 Under torchrun, each of the N processes (ranks) takes its slice of every global batch,
 the MMD compares the codes of the whole batch (gathered from all ranks) with the same
@@ -36,39 +35,41 @@ ckpt_interval = 0            # also checkpoint every this many steps (0 = only a
 log_interval = 25            # steps between progress-bar updates (each one waits for the device)
 # data
 dataset = "mnist"            # mnist or fashion (Fashion-MNIST)
-batch_size = 100             # images per step (over all ranks under torchrun); also the number of prior draws the MMD compares against
+batch_size = 100             # images per step (over all ranks under torchrun)
 # model
-latent_dim = 24              # size of z; 2 to plot the latent space; 24 keeps the MSE that the latent critic costs (docs/defaults.md)
+latent_dim = 16              # size of z; 2 to plot the latent space; fewer draw better N(0, I) samples, more reconstruct better
 channels = 32                # conv widths are channels and 2*channels (the authors' tutorial: 64)
 hidden = 512                 # fully connected layer between convs and z (the tutorial: 1024)
 stochastic_encoder = False   # Gaussian q(z|x) with reparameterisation; needed for kl_weight > 0
 # loss
 recon_loss = "bce"           # bce (Bernoulli likelihood on pixel intensities) or mse (summed squared error)
-mmd_weight = 100.0           # weight of MMD^2(q(z), N(0, I)); MMD^2 is ~1e-3 when matched, recon ~70 nats; the latent critic shares its job
+mmd_weight = 300.0           # weight of MMD^2(q(z), N(0, I)); MMD^2 is ~1e-3 when matched, recon ~70 nats
 kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with mmd_weight=0) = ELBO-VAE
 kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
-kernel_scales = "0.05,0.1,0.2,0.5"  # comma-separated bandwidth multipliers of 2*latent_dim; narrow ones see the gaps between the codes' clusters (docs/defaults.md)
+kernel_scales = "0.2,1,5"    # comma-separated bandwidth multipliers of 2*latent_dim (E||z - z'||^2 under N(0, I))
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
-pixel_mmd_weight = 100.0     # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space; N(0, I) FID -20% (docs/defaults.md)
-pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart); 10,30,100 drew worse samples (docs/defaults.md)
-adv_weight = 20.0            # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws; 0 = no critic; 20 with ema_decay and the slower critic_lr (docs/defaults.md)
-critic_hidden = 128          # a fully connected layer of this many units between the critic's convolutions and its logit, which sees blends of two digits; 0 = none
-critic_channels = 0          # the critic's conv widths are critic_channels and twice that; 0 = channels; at adv_weight 20, 16 and 48 drew worse samples (docs/defaults.md)
-critic_lr = 5e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN); decays with lr; at weight 20, 5e-4 drew better samples than 6e-4 at a lower MSE
-latent_adv_weight = 5.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence); 0 = none; N(0, I) FID -50% (docs/defaults.md)
-latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999); decays with lr
+prior_draws = 0              # N(0, I) draws the MMD compares the batch's codes with (0 = as many as the batch)
+# hybrid preset (hybrid.py, config/hybrid.py): terms beyond the MMD-VAE, all off here
+pixel_mmd_weight = 0.0       # weight of MMD^2(decoded N(0, I) draws, the batch's images) in pixel space
+pixel_kernel_scales = "3,10,30"  # its Gaussian bandwidths in squared pixel distance (two MNIST digits lie ~100 apart)
+adv_weight = 0.0             # weight of a critic's non-saturating GAN loss on decoded N(0, I) draws
+critic_hidden = 128          # a fully connected layer of this many units before the critic's logit; 0 = none
+critic_channels = 0          # the critic's conv widths are critic_channels and twice that; 0 = channels
+critic_lr = 5e-4             # the critic's Adam learning rate at the start (betas 0.5, 0.999, as in DCGAN)
+latent_adv_weight = 0.0      # weight of a latent critic's GAN loss on the codes (InfoVAE's adversarial divergence)
+latent_critic_lr = 5e-4      # the latent critic's Adam learning rate at the start (betas 0.5, 0.999)
 # ex-post prior (prior.py)
-prior_components = 50        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none); more fit the codes closer, and in the limit copy them (README: how many components)
+prior_components = 50        # Gaussians fitted to the train codes after training, for sample.py --prior=gmm (0 = none)
 # optimizer
-epochs = 10                  # passes over the 60,000 training images; 10 fit the 10-minute budget on 2 CPU cores with fast bf16, 13 to 16 min in fp32 (docs/defaults.md)
-max_steps = 0                # stop after this many steps in all (0 = no cap); for smoke tests
-lr = 3e-3                    # Adam learning rate at the start; in 10 epochs 3e-3 drew better samples than 2e-3 and 4e-3 within the MSE bound (docs/defaults.md)
+epochs = 12                  # passes over the 60,000 training images (docs/defaults.md: the time budget)
+max_steps = 0                # stop after this many steps in all (0 = no cap)
+lr = 3e-3                    # Adam learning rate at the start
 lr_decay = True              # cosine decay over the run, from lr to min_lr_ratio * lr
 min_lr_ratio = 0.1           # where the decay ends, as a fraction of lr (nanoGPT's min_lr is lr/10)
-ema_decay = 0.998            # sample, evaluate and fit the prior with an exponential moving average of the weights over ~1/(1-ema_decay) steps (0 = the last weights); 0.998 drew better samples than 0.999 on five seeds (docs/defaults.md)
+ema_decay = 0.998            # sample with an exponential moving average of the weights over ~1/(1-ema_decay) steps (0 = off)
 # system
 device = "auto"              # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-precision = "auto"           # auto = bf16 autocast on a CPU where a step measures at least 1.2x as fast as in fp32 (timed at start-up), else fp32; or bf16, fp32
+precision = "auto"           # auto = bf16 autocast on a CPU where a step measures 1.2x as fast as fp32, else fp32
 cuda_graph = True            # on CUDA, replay each whole step as one CUDA graph (this small model is launch-bound)
 deterministic = False        # deterministic kernels only, so identical GPU runs give identical weights (CPU runs already do)
 seed = 1337                  # model init, prior draws and data order all follow from it
@@ -77,12 +78,11 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 # Options a resumed run may change; the rest define the model and its loss.
 SAFE_ON_RESUME = {"out_dir", "data_dir", "resume", "overwrite", "ckpt_interval", "log_interval",
                   "epochs", "max_steps", "device", "precision", "cuda_graph", "deterministic", "prior_components"}
-# What a checkpoint saved before an option existed was trained with. Listed even where that is today's default
-# (critic_channels), so that a later default cannot change how an old checkpoint resumes.
-BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0, "ema_decay": 0.0,
-                  "critic_channels": 0}
-# Each critic, as model.py names it (and compute_loss names its own loss): the options of its weight and learning rate.
-CRITICS = {"critic": ("adv_weight", "critic_lr"), "latent_critic": ("latent_adv_weight", "latent_critic_lr")}
+# What a checkpoint saved before an option existed was trained with. Listed even where that is today's
+# default, so that a later default cannot change how an old checkpoint resumes. Checkpoints from before the
+# MMD-VAE became the default (December 2026) hold every option of the hybrid.
+BEFORE_OPTIONS = {"pixel_mmd_weight": 0.0, "adv_weight": 0.0, "latent_adv_weight": 0.0, "critic_hidden": 0,
+                  "ema_decay": 0.0, "critic_channels": 0, "prior_draws": 0}
 RECON_LOSSES = ("bce", "mse")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -103,13 +103,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
+import hybrid
 import data
 import prior
-from cli import UserError, atomic_write, first_line, parse_overrides, pick_device, remove_stale_temporaries, require, run
+from cli import (RunLock, UserError, atomic_write, first_line, parse_overrides, pick_device, read_presets,
+                 remove_stale_temporaries, require, run)
 from mmd import ESTIMATORS, KERNELS, mmd
 from model import MMDVAE
 
 
+@functools.lru_cache(maxsize=None)  # each run's scales are read once, not at every step
 def parse_scales(text, name="kernel_scales"):
     try:
         scales = [float(s) for s in text.split(",")]
@@ -117,15 +120,17 @@ def parse_scales(text, name="kernel_scales"):
         scales = []
     require(scales and all(0 < s < math.inf for s in scales),  # inf would make every kernel value 1 and the MMD 0
             f"--{name}={text} must be finite positive numbers separated by commas, e.g. --{name}=0.5,1,2")
-    return scales
+    return tuple(scales)
 
 
 def validate(cfg):
     for name in ("batch_size", "epochs", "latent_dim", "channels", "hidden", "log_interval"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
-    for name in ("max_steps", "ckpt_interval", "critic_hidden", "critic_channels", "mmd_weight", "kl_weight", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
-                 "prior_components"):
+    for name in ("max_steps", "ckpt_interval", "critic_hidden", "critic_channels", "mmd_weight", "kl_weight",
+                 *hybrid.WEIGHTS, "prior_components"):
         require(cfg[name] >= 0, f"--{name}={cfg[name]} must be zero or positive")
+    require(cfg["prior_draws"] == 0 or cfg["prior_draws"] >= 2,
+            f"--prior_draws={cfg['prior_draws']} must be 0 (as many as the batch) or at least 2")
     for name in ("lr", "critic_lr", "latent_critic_lr"):
         require(cfg[name] > 0, f"--{name}={cfg[name]} must be positive")
     require(0 <= cfg["min_lr_ratio"] <= 1, f"--min_lr_ratio={cfg['min_lr_ratio']} must be between 0 and 1")
@@ -142,14 +147,14 @@ def validate(cfg):
     parse_scales(cfg["pixel_kernel_scales"], "pixel_kernel_scales")
 
 
-def compute_loss(model, x, cfg, gather=None):
-    """(total loss, {"recon", "mmd", "kl", "pixel_mmd", "adv", "critic", "latent_adv", "latent_critic", "logits"}) for
-    a batch x in [0, 1]; every term is per image. "logits" is no loss term: the reconstruction's pre-sigmoid pixels
-    (from the code mean in eval mode), from which test_metrics takes the MSE without a second pass.
+def compute_loss(model, x, cfg, critics=None, gather=None):
+    """(total loss, {"recon", "mmd", "kl", *hybrid.TERMS, "logits"}) for a batch x in [0, 1]; every term is
+    per image. "logits" is no loss term: the reconstruction's pre-sigmoid pixels (from the code mean in eval
+    mode), from which test_metrics takes the MSE without a second pass.
 
-    The total is the encoder's and decoder's loss. "critic" and "latent_critic" are the two critics' own
-    losses (0 without them): each depends on its critic's weights alone, and they on nothing else, so one
-    backward pass of total + critic + latent_critic trains every side (make_train_step).
+    critics: the hybrid preset's critics (make_model's), for a run whose hybrid.WEIGHTS are above 0; their
+    terms are 0 otherwise. The total is the encoder's and decoder's loss; "critic" and "latent_critic"
+    are the critics' own losses, which reach only the critics (make_train_step adds them for one backward pass).
     gather: under torchrun, gather_codes, so that the MMD is over the codes of the whole global batch."""
     logits, z, mu, logvar = model(x)
     n = x.shape[0]
@@ -158,78 +163,25 @@ def compute_loss(model, x, cfg, gather=None):
     else:
         recon = F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / n
     zero = recon.new_zeros(())
-    # MMD between the batch's codes and as many draws from the prior (InfoVAE, eq. 8), in float32:
+    # MMD between the batch's codes and draws from the prior (InfoVAE, eq. 8), in float32:
     # bf16 distances are too coarse for a statistic that is ~1e-3 when the fit is good.
     z = z.float() if gather is None else gather(z.float())
     with torch.autocast(z.device.type, enabled=False):
-        mmd_term = mmd(z, torch.randn_like(z), cfg["kernel"], parse_scales(cfg["kernel_scales"]),
-                       estimator=cfg["mmd_estimator"]) if cfg["mmd_weight"] > 0 else zero
+        mmd_term = zero if cfg["mmd_weight"] == 0 else mmd(
+            z, torch.randn(cfg["prior_draws"] or len(z), z.shape[1], device=z.device), cfg["kernel"],
+            parse_scales(cfg["kernel_scales"]), estimator=cfg["mmd_estimator"])
     # KL(N(mu, sigma^2) || N(0, 1)) in closed form (Kingma & Welling, 2014, appendix B).
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).float().sum() / n if cfg["kl_weight"] > 0 else zero
-    pixel_term, adv, critic_loss = zero, zero, zero
-    if cfg["pixel_mmd_weight"] > 0 or cfg["adv_weight"] > 0:
-        drawn = decode_prior_draws(model, x, z.shape[0], gather)
-        if cfg["pixel_mmd_weight"] > 0:
-            pixel_term = pixel_mmd(drawn, x, cfg, gather)
-        if cfg["adv_weight"] > 0:
-            adv, critic_loss = adversarial(model_of(model).critic, drawn, x.float())
-    latent_adv, latent_critic_loss = zero, zero
-    if cfg["latent_adv_weight"] > 0:
-        # The MMD sees where q(z) differs from N(0, I) only at the scales a batch of codes shows, and the
-        # codes still form clusters with prior mass between them (README: the prior gap). A critic learns
-        # where they are too dense or too sparse, and the encoder learns to make its codes pass for prior
-        # draws: InfoVAE's adversarial divergence, alongside the MMD. In float32, as the MMD.
-        with torch.autocast(z.device.type, enabled=False):
-            latent_adv, latent_critic_loss = adversarial(model_of(model).latent_critic, z, torch.randn_like(z))
-    loss = (recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl + cfg["pixel_mmd_weight"] * pixel_term
-            + cfg["adv_weight"] * adv + cfg["latent_adv_weight"] * latent_adv)
-    return loss, {"recon": recon, "mmd": mmd_term, "kl": kl, "pixel_mmd": pixel_term, "adv": adv, "critic": critic_loss,
-                  "latent_adv": latent_adv, "latent_critic": latent_critic_loss, "logits": logits}
-
-
-def decode_prior_draws(model, x, global_batch, gather=None):
-    """As many decoded N(0, I) draws as the (global) batch has images, as this rank's (N, 1, 28, 28) float32 share.
-
-    Under torchrun every rank draws the whole batch's prior draws (the same on every rank) and
-    decodes its slice of them."""
-    vae = model_of(model)
-    draws = torch.randn(global_batch, vae.latent_dim, device=x.device)
-    if gather is not None:
-        draws = draws.chunk(dist.get_world_size())[dist.get_rank()]
-    return torch.sigmoid(vae.decode_logits(draws)).float()
-
-
-def pixel_mmd(drawn, x, cfg, gather=None):
-    """MMD^2 between decoded N(0, I) draws and as many of the batch's images, in pixel space.
-
-    The latent MMD matches q(z) to N(0, I) only at the scales a batch of codes can see, so most
-    prior draws land between the digits' clusters of codes, where the decoder, never asked about
-    them, draws blends (README: the prior gap). This term asks it about them: the decoder's own
-    samples must match the data (Li, Swersky & Zemel, "Generative Moment Matching Networks", 2015).
-    Only the decoder learns from it. Under torchrun the MMD is over all ranks' images."""
-    drawn, real = drawn.flatten(1), x.float().flatten(1)
-    if gather is not None:
-        drawn, real = gather(drawn), gather(real)
-    with torch.autocast(x.device.type, enabled=False):
-        return mmd(drawn, real, "gaussian", parse_scales(cfg["pixel_kernel_scales"]), bandwidth=1.0,
-                   estimator=cfg["mmd_estimator"])
-
-
-def adversarial(critic, made, real):
-    """(the maker's loss, the critic's loss): the non-saturating GAN losses (Goodfellow et al., 2014).
-
-    `made` is what the model makes and `real` what it should pass for: decoded N(0, I) draws and the
-    batch's images (the critic of adv_weight; the pixel MMD's kernel, at a batch of 100, no longer tells
-    them apart, README: the prior gap), or the batch's codes and N(0, I) draws (the latent critic). The
-    critic learns to score `real` above `made`; the maker (decoder or encoder) learns to make what it
-    scores as real. Each side's loss reaches only its own weights: the maker's goes through a detached
-    copy of the critic, the critic's sees `made` detached. Both are means over the batch, so under
-    torchrun each rank's, averaged by DDP, is the one-process loss."""
-    frozen = {name: p.detach() for name, p in critic.named_parameters()}
-    fooled = F.softplus(-torch.func.functional_call(critic, frozen, (made,))).mean()
-    scores = critic(torch.cat([real, made.detach()])).float()
-    critic_loss = F.softplus(-scores[:len(real)]).mean() + F.softplus(scores[len(real):]).mean()
-    return fooled, critic_loss
+    loss = recon + cfg["mmd_weight"] * mmd_term + cfg["kl_weight"] * kl
+    terms = {"recon": recon, "mmd": mmd_term, "kl": kl}
+    if not hybrid.in_use(cfg):
+        terms.update(dict.fromkeys(hybrid.TERMS, zero))
+    else:
+        terms.update(hybrid.terms(model_of(model), critics, x, z, cfg,
+                                  parse_scales(cfg["pixel_kernel_scales"], "pixel_kernel_scales"), gather))
+        for weight in hybrid.WEIGHTS:
+            loss = loss + cfg[weight] * terms[weight.removesuffix("_weight")]
+    return loss, {**terms, "logits": logits}
 
 
 def model_of(model):
@@ -253,7 +205,7 @@ def gather_codes(z):
 
 
 @torch.no_grad()
-def test_metrics(model, images, cfg, batch_size=1000):
+def test_metrics(model, images, cfg, critics=None, batch_size=1000):
     """Mean loss terms and per-pixel MSE of the reconstruction from the code mean (compute_loss's), on `images`.
 
     In the run's precision, as training: bf16 halved this pass's time on a CPU where it pays (4.4 s against
@@ -265,7 +217,7 @@ def test_metrics(model, images, cfg, batch_size=1000):
     for start in range(0, len(images), batch_size):
         x = data.to_float(images[start:start + batch_size])
         with autocast_to(images.device, amp_dtype):
-            loss, terms = compute_loss(model, x, {**cfg, "mmd_estimator": "unbiased"})
+            loss, terms = compute_loss(model, x, {**cfg, "mmd_estimator": "unbiased"}, critics)
         x_hat = torch.sigmoid(terms.pop("logits")).float()
         for k, v in {"loss": loss, **terms, "mse": F.mse_loss(x_hat, x, reduction="sum") / x.numel()}.items():
             totals[k] = totals.get(k, 0.0) + v.item() * x.shape[0]
@@ -284,10 +236,17 @@ def lr_at(step, total_steps, cfg):
 def resume_config(saved, cfg, given, verbose=True):
     """The checkpoint's config, with only the safe command-line changes applied."""
     for k, v in saved.items():
-        require(k not in DEFAULTS or type(v) is type(DEFAULTS[k]),
+        if k not in DEFAULTS:  # "preset", or an option this version no longer has
+            continue
+        require(type(v) is type(DEFAULTS[k]),
                 f"the checkpoint's config has {k}={v!r}, not a {type(DEFAULTS[k]).__name__}: it is damaged; "
                 f"start afresh with --overwrite=True, or restore it from a backup")
-    merged = {**DEFAULTS, **BEFORE_OPTIONS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
+    require(isinstance(saved.get("preset", ""), str), "the checkpoint's config has a preset that is not text: it is "
+            "damaged; start afresh with --overwrite=True, or restore it from a backup")
+    merged = {**DEFAULTS, **BEFORE_OPTIONS, **{k: v for k, v in saved.items() if k in DEFAULTS},
+              "preset": saved.get("preset", "")}
+    # Where the run is and what this machine computes on are the command's, not the checkpoint's.
+    merged["out_dir"], merged["device"] = cfg["out_dir"], cfg["device"]
     for name in sorted(given):
         if cfg[name] == merged[name]:
             continue
@@ -312,17 +271,19 @@ def check_writable(folder):
         raise UserError(f"cannot write to --out_dir={folder} ({e.strerror}); choose a writable folder with free space") from None
 
 
-TERMS = ("recon", "mmd", "kl", "pixel_mmd", "adv", "critic", "latent_adv", "latent_critic")  # the loss's terms, as compute_loss names them
+TERMS = ("recon", "mmd", "kl", *hybrid.TERMS)  # the loss's terms, as compute_loss names them
+# The weight that switches each term on (a critic's own loss goes with its maker's); recon is always on.
+TERM_WEIGHTS = {"mmd": "mmd_weight", "kl": "kl_weight", "pixel_mmd": "pixel_mmd_weight", "adv": "adv_weight",
+                "critic": "adv_weight", "latent_adv": "latent_adv_weight", "latent_critic": "latent_adv_weight"}
 LOG_FIELDS = ["epoch", "step", "seconds", *(f"{split}_{k}" for split in ("train", "test") for k in ("loss", *TERMS)),
               "test_mse"]
 
 
 def shown_terms(values, cfg):
-    """{name: value as text} of the loss and its terms ([loss, *TERMS]), for the progress bar and each epoch's line.
-    A critic that is off shows neither its loss nor the generator's loss against it."""
-    off = {term for name, (weight, _) in CRITICS.items() if not cfg[weight] for term in (name, weight.removesuffix("_weight"))}
+    """{name: value as text} of the loss and the terms whose weights are above 0 ([loss, *TERMS]), for each
+    epoch's line; the progress bar shows the first four, so that it fits 100 columns."""
     return {name: f"{value:.2e}" if "mmd" in name else f"{value:.2f}"  # the MMDs are ~1e-3
-            for name, value in zip(("loss", *TERMS), values) if name not in off}
+            for name, value in zip(("loss", *TERMS), values) if cfg.get(TERM_WEIGHTS.get(name), 1) > 0}
 
 
 def time_left(seconds):
@@ -407,7 +368,7 @@ def bf16_speedup(cfg, device, repeats=3):
     if not bf16_kernels():
         return 0.0
     with torch.random.fork_rng(devices=[]):
-        model = make_model(cfg, device)
+        model, critics = make_model(cfg, device)
         # The global batch: a rank's share can be a single image, too few for the MMD.
         x = torch.rand(cfg["batch_size"], 1, 28, 28, device=device)
         best = {}
@@ -415,9 +376,10 @@ def bf16_speedup(cfg, device, repeats=3):
             for dtype in (torch.bfloat16, None):
                 started = time.perf_counter()
                 with autocast_to(device, dtype):
-                    loss, terms = compute_loss(model, x, cfg)
-                (loss + sum(terms[name] for name in CRITICS)).backward()
-                model.zero_grad(set_to_none=True)
+                    loss, terms = compute_loss(model, x, cfg, critics)
+                backward_target(loss, terms, critics).backward()
+                for module in (model, critics):
+                    module.zero_grad(set_to_none=True)
                 if attempt:
                     best[dtype] = min(best.get(dtype, math.inf), time.perf_counter() - started)
     return best[None] / best[torch.bfloat16]
@@ -461,23 +423,27 @@ def precision_name(device, precision, speedup=None):
 
 
 def make_model(cfg, device):
-    return MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"],
-                  **{name: cfg[weight] > 0 for name, (weight, _) in CRITICS.items()}, critic_hidden=cfg["critic_hidden"],
-                  critic_channels=cfg["critic_channels"]).to(device)
+    """(the MMDVAE, the hybrid's critics): the critics are an empty ModuleDict for the MMD-VAE."""
+    model = MMDVAE(cfg["latent_dim"], cfg["channels"], cfg["hidden"], cfg["stochastic_encoder"]).to(device)
+    return model, hybrid.make_critics(cfg, device)
 
 
-def make_optimizer(model, cfg, device):
+def make_optimizer(model, critics, cfg, device):
     """Adam over the encoder and decoder and, in a group each, the critics (lr_scale: their share of `lr`)."""
-    groups = [{"params": [p for name, p in model.named_parameters() if name.split(".")[0] not in CRITICS]}]
-    for name, (_, critic_lr) in CRITICS.items():
-        if getattr(model, name) is not None:
-            groups.append({"params": getattr(model, name).parameters(), "betas": (0.5, 0.999),
-                           "lr_scale": cfg[critic_lr] / cfg["lr"]})
+    groups = [{"params": list(model.parameters())}]
+    for name, critic in critics.items():
+        groups.append({"params": critic.parameters(), "betas": (0.5, 0.999),
+                       "lr_scale": cfg[hybrid.CRITICS[name][1]] / cfg["lr"]})
     # Fused Adam: one kernel for all parameters instead of several per tensor (bench.py: 1.1x on CPU).
     return torch.optim.Adam(groups, lr=cfg["lr"], fused=device.type in ("cpu", "cuda") or None)
 
 
-def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
+def backward_target(loss, terms, critics):
+    """What one backward pass takes: the model's loss, plus the critics' own losses, which reach only them."""
+    return loss + terms["critic"] + terms["latent_critic"] if critics else loss
+
+
+def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss, critics=None, world_size=1):
     """step(x, lr) -> tensor [loss, *TERMS]: one optimisation step on batch x.
 
     On CUDA (cuda_graph=True) forward, backward and Adam are captured once as a CUDA graph
@@ -488,9 +454,11 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
 
     def eager(x):
         with autocast_to(device, amp_dtype, cache_enabled=not use_graph):
-            loss, terms = loss_fn(model, x, cfg)
+            loss, terms = loss_fn(model, x, cfg, critics)
         optimizer.zero_grad(set_to_none=True)
-        (loss + sum(terms[name] for name in CRITICS)).backward()  # each critic's loss reaches only that critic (compute_loss)
+        backward_target(loss, terms, critics).backward()
+        if critics and world_size > 1:
+            hybrid.average_gradients(critics, world_size)
         optimizer.step()
         return torch.stack([loss.detach(), *(terms[k].detach() for k in TERMS)])
 
@@ -505,7 +473,8 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
         group["capturable"] = True
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
     # Warm-up (required before capture) runs real steps: keep the weights and Adam state to put back.
-    saved_params = [p.detach().clone() for p in model.parameters()]
+    params = [*model.parameters(), *(critics.parameters() if critics else [])]
+    saved_params = [p.detach().clone() for p in params]
     saved_state = [t.clone() for t in optimizer_tensors(optimizer)]  # empty for a fresh optimizer
     static_x = torch.zeros(cfg["batch_size"], 1, 28, 28, device=device)
     graph = torch.cuda.CUDAGraph()
@@ -523,7 +492,7 @@ def make_train_step(model, optimizer, cfg, device, loss_fn=compute_loss):
         print(f"CUDA graph capture failed ({first_line(e)}); training without it")
         graph = None
     with torch.no_grad():
-        for p, value in zip(model.parameters(), saved_params):
+        for p, value in zip(params, saved_params):
             p.copy_(value)
         for i, t in enumerate(optimizer_tensors(optimizer)):
             t.copy_(saved_state[i]) if saved_state else t.zero_()  # a fresh Adam's state is all zeros
@@ -582,13 +551,16 @@ class StopRequest:
         self.signum = signum
 
 
+def check_divides(batch_size, world_size):
+    require(batch_size % world_size == 0,
+            f"--batch_size={batch_size} does not divide into {world_size} ranks; batch_size is the global batch: "
+            f"make it a multiple of {world_size}, or change --nproc_per_node")
+
+
 def distributed_setup(cfg):
     """(rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is rank 0 of 1."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    # Checked before any rank waits for another, so every rank exits at once with the same line.
-    require(cfg["batch_size"] % world_size == 0,
-            f"--batch_size={cfg['batch_size']} does not divide into {world_size} ranks; batch_size is the global "
-            f"batch: make it a multiple of {world_size}, or change --nproc_per_node")
+    check_divides(cfg["batch_size"], world_size)  # before any rank waits for another: every rank exits at once
     device = pick_device(cfg["device"])
     if world_size > 1:
         require(device.type in ("cpu", "cuda"), f"torchrun needs --device=cpu or cuda, not {device.type}")
@@ -598,30 +570,61 @@ def distributed_setup(cfg):
     return rank, world_size, device
 
 
-def main(argv):
-    cfg, given = parse_overrides(DEFAULTS, argv, "train.py")
+def read_config(argv):
+    """(config, the names the command line set): the preset files in argv applied first, then its --flags.
+    config["preset"] names the presets ("" for none), for the checkpoint."""
+    preset_values, presets, flags = read_presets(argv, DEFAULTS, "train.py")
+    cfg, given = parse_overrides({**DEFAULTS, **preset_values}, flags, "train.py")
     validate(cfg)
-    master = os.environ.get("RANK", "0") == "0"  # the one rank (process) that writes files and prints
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    saved = None
-    if cfg["resume"]:
-        saved = checkpoint.load(ckpt_path)
-        cfg = resume_config(saved["config"], cfg, given, verbose=master)
-        validate(cfg)
-    else:
-        require(cfg["overwrite"] or not os.path.exists(ckpt_path),
-                f"{ckpt_path} already exists: continue it with --resume=True, start a new run with another "
-                f"--out_dir, or replace it with --overwrite=True")
+    return {**cfg, "preset": ",".join(presets)}, given | set(preset_values)
+
+
+def share_from_rank0(text, world_size):
+    """Rank 0's `text` on every rank (one broadcast under torchrun)."""
+    if world_size == 1:
+        return text
+    shared = [text]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def main(argv):
+    cfg, given = read_config(argv)
     rank, world_size, device = distributed_setup(cfg)
-    speed_settings(device, cfg["deterministic"])
-    if master:  # before the other ranks are waited for: they join once the data is in place
-        check_writable(cfg["out_dir"])
-        remove_stale_temporaries(cfg["out_dir"])
-        data.ensure_files(cfg["dataset"], cfg["data_dir"])
+    master = rank == 0  # the one rank (process) that writes files and prints
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["resume"]:
+        checkpoint.require_file(ckpt_path)  # before the lock makes the folder
+    lock, refused = None, ""
+    if master:  # before anything in the run folder is read or written
+        try:
+            lock = RunLock(cfg["out_dir"], "wait for it to end, train into another --out_dir, or stop that process",
+                           option="--out_dir=")
+        except UserError as e:
+            refused = str(e)
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     handlers = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}  # train's StopRequest replaces them
     try:
+        refused = share_from_rank0(refused, world_size)  # every rank stops with rank 0's line
+        require(not refused, refused)
+        saved = None
+        if cfg["resume"]:
+            saved = checkpoint.load(ckpt_path)
+            cfg = resume_config(saved["config"], cfg, given, verbose=master)
+            validate(cfg)
+        else:
+            require(cfg["overwrite"] or not os.path.exists(ckpt_path),
+                    f"{ckpt_path} already exists: continue it with --resume=True, start a new run with another "
+                    f"--out_dir, or replace it with --overwrite=True")
+        check_divides(cfg["batch_size"], world_size)  # the checkpoint's batch size, on resume
+        speed_settings(device, cfg["deterministic"])
+        if master:
+            check_writable(cfg["out_dir"])
+            remove_stale_temporaries(cfg["out_dir"])
+            data.ensure_files(cfg["dataset"], cfg["data_dir"])
+        if world_size > 1:
+            dist.barrier()  # the other ranks load the data once rank 0 has it in place
         train(cfg, saved, rank, world_size, device)
     except RuntimeError as e:
         # A collective that fails means another rank died (torchrun is stopping this one too).
@@ -635,6 +638,8 @@ def main(argv):
             signal.signal(s, handler)
         if world_size > 1:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 def train(cfg, saved, rank, world_size, device):
@@ -656,11 +661,11 @@ def train(cfg, saved, rank, world_size, device):
     rank_batch = cfg["batch_size"] // world_size
     my_slice = slice(rank * rank_batch, (rank + 1) * rank_batch)  # this rank's part of every global batch
 
-    model = make_model(cfg, device)
-    optimizer = make_optimizer(model, cfg, device)
-    # The weights that draw the samples: the last ones, or (ema_decay > 0) their exponential moving average,
-    # which evens out the step-to-step swings the critics cause (Yazici et al., "The Unusual Effectiveness of
-    # Averaging in GAN Training", ICLR 2019). The checkpoint's "model" holds these, "train_model" the last ones.
+    model, critics = make_model(cfg, device)
+    optimizer = make_optimizer(model, critics, cfg, device)
+    # The weights that draw the samples: the last ones, or (ema_decay > 0) their exponential moving average
+    # (Yazici et al., "The Unusual Effectiveness of Averaging in GAN Training", ICLR 2019), which evens out
+    # step-to-step swings. The checkpoint's "model" holds these, "train_model" the last ones.
     averaged = copy.deepcopy(model).requires_grad_(False) if cfg["ema_decay"] else model
     step, epoch, epoch_step = 0, 0, 0
     running = torch.zeros(1 + len(TERMS), device=device)  # sums of the loss and its terms over this epoch's steps
@@ -670,6 +675,8 @@ def train(cfg, saved, rank, world_size, device):
         try:
             model.load_state_dict(saved["train_model"] if averaged is not model else saved["model"])
             averaged.load_state_dict(saved["model"])
+            if critics:
+                critics.load_state_dict(saved["critics"])
             optimizer.load_state_dict(saved["optimizer"])
             step, epoch, epoch_step = (int(saved[k]) for k in ("step", "epoch", "epoch_step"))
             running = saved["running"].to(device).reshape(-1)
@@ -688,7 +695,7 @@ def train(cfg, saved, rank, world_size, device):
             was = saved.get("world_size", 1)
             print(f"resumed from {ckpt_path} at epoch {epoch + 1}, step {step}"
                   + (f" (saved by {was} ranks, now {world_size})" if was != world_size else ""))
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(p.numel() for module in (model, critics) for p in module.parameters())
     use_graph = cfg["cuda_graph"] and device.type == "cuda"
     if use_graph and world_size > 1:
         # DDP's gradient all-reduce and the code gather would have to be captured inside the graph,
@@ -706,7 +713,8 @@ def train(cfg, saved, rank, world_size, device):
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else model
     loss_fn = functools.partial(compute_loss, gather=gather_codes) if world_size > 1 else compute_loss
-    train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn)
+    train_step = make_train_step(ddp_model, optimizer, {**cfg, "cuda_graph": use_graph}, device, loss_fn, critics,
+                                 world_size)
     fixed_noise = torch.randn(64, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     stop = StopRequest()
     started, first_step = time.time(), step  # for the time left, from this process's own pace
@@ -723,11 +731,12 @@ def train(cfg, saved, rank, world_size, device):
         # Every rank calls this at the same step (the running sums are averaged over ranks); rank 0 writes.
         summed = mean_over_ranks(running)
         # A step can turn the weights to NaN even when its own loss was finite: never save those.
-        if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        if not torch.stack([p.isfinite().all() for m in (model, critics) for p in m.parameters()]).all():
             check_finite(float("nan"))
         if master:
             checkpoint.save(ckpt_path, {
                 "model": averaged.state_dict(), **({"train_model": model.state_dict()} if averaged is not model else {}),
+                **({"critics": critics.state_dict()} if critics else {}),
                 "model_args": model.model_args, "config": cfg,
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "epoch_step": epoch_step,
                 "running": summed, "rng": checkpoint.rng_states(device), "world_size": world_size, **extra,
@@ -735,11 +744,10 @@ def train(cfg, saved, rank, world_size, device):
 
     def check_finite(loss):
         if not math.isfinite(loss):
+            weights = ", ".join(f"{w}={cfg[w]}" for w in ("mmd_weight", "kl_weight", *hybrid.WEIGHTS) if cfg[w] > 0)
             raise UserError(f"training diverged: the loss or the weights became {loss} by step {step}; "
-                            f"{ckpt_path} (if any) holds the last good checkpoint. Lower --lr (now {cfg['lr']}) or the loss weights "
-                            f"(mmd_weight={cfg['mmd_weight']}, kl_weight={cfg['kl_weight']}, "
-                            f"pixel_mmd_weight={cfg['pixel_mmd_weight']}, adv_weight={cfg['adv_weight']}, "
-                            f"latent_adv_weight={cfg['latent_adv_weight']})")
+                            f"{ckpt_path} (if any) holds the last good checkpoint. Lower --lr (now {cfg['lr']}) "
+                            f"or the loss weights ({weights})")
 
     def sync(losses):
         """[loss, *TERMS] averaged over ranks; stops every rank if any was asked to stop or diverged."""
@@ -778,7 +786,7 @@ def train(cfg, saved, rank, world_size, device):
         # Every rank evaluates (the test MMD's prior draws keep all ranks' random streams in step). A run that
         # max_steps ends mid-epoch then puts its random state back: resumed, it draws what an uncapped run draws.
         before_test = checkpoint.rng_states(device) if epoch_step < steps_per_epoch else None
-        test = test_metrics(averaged, test_images, cfg)
+        test = test_metrics(averaged, test_images, cfg, critics)
         if before_test is not None:
             checkpoint.set_rng_states(before_test, device)
         seconds = time.time() - started

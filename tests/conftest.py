@@ -13,6 +13,7 @@ sys.path.insert(0, REPO)
 # fp32, not auto: many tests compare the weights of two runs, and auto's start-up timing of bf16 against fp32 is
 # noise at this size (1.71, 2.14, 0.99, 2.83 and 1.13 in five calls on a busy 2-core machine), so two runs of one
 # command could choose differently. The trained fixture keeps auto.
+HYBRID = os.path.join(REPO, "config", "hybrid.py")  # the hybrid preset, as a command line names it
 TINY = ["--channels=4", "--hidden=32", "--latent_dim=4", "--batch_size=32", "--log_interval=5", "--prior_components=0",
         "--precision=fp32"]
 

@@ -12,7 +12,7 @@ import torch
 import checkpoint
 import train
 from cli import UserError
-from conftest import REPO, TINY, assert_user_error, run_script, train_here
+from conftest import HYBRID, REPO, TINY, assert_user_error, run_script, train_here
 
 # Epochs of 234 steps with a tiny model: crosses an epoch boundary (test pass, grid, log row). Without the
 # moving average, whose resume the mid-epoch test covers: so both ways of resuming are tested.
@@ -34,9 +34,9 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
     for key in ("model", "model_args", "config", "optimizer", "epoch", "step", "epoch_step", "rng"):
         assert key in ckpt, key
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
-    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False, "critic": True,
-                                  "latent_critic": True, "critic_hidden": train.DEFAULTS["critic_hidden"],
-                                  "critic_channels": train.DEFAULTS["critic_channels"]}
+    assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False}
+    # The default is the MMD-VAE: not one critic tensor in the checkpoint.
+    assert "critics" not in ckpt and not any("critic" in name for key in ("model", "train_model") for name in ckpt[key])
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
@@ -103,18 +103,20 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
-def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path, mnist_dir):
+@pytest.mark.parametrize("preset", [[], [HYBRID]])
+def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path, mnist_dir, preset):
     # Its end-of-run test pass draws prior samples; the resumed run must not see that in its own draws.
-    # (No lr decay: the cosine schedule spans max_steps, so a cap is meant to change it.) The critic's
+    # (No lr decay: the cosine schedule spans max_steps, so a cap is meant to change it.) The hybrid's critics'
     # weights and Adam state must come back too, and both the last and the averaged weights.
-    run = [*TINY, "--lr_decay=False", f"--data_dir={mnist_dir}", "--ema_decay=0.9"]
+    run = [*preset, *TINY, "--lr_decay=False", f"--data_dir={mnist_dir}", "--ema_decay=0.9"]
     capped, reference = tmp_path / "capped", tmp_path / "uncapped"
     for args in (["--max_steps=20"], ["--max_steps=30", "--resume=True"]):
         train_here(*run, *args, f"--out_dir={capped}")
     train_here(*run, "--max_steps=30", f"--out_dir={reference}")
     resumed, uncapped = (torch.load(path / "ckpt.pt", weights_only=True) for path in (capped, reference))
-    for key in ("model", "train_model"):
+    for key in ("model", "train_model", *(["critics"] if preset else [])):
         assert_same_weights(resumed[key], uncapped[key])
+    assert ("critics" in resumed) == bool(preset) and resumed["config"]["preset"] == ("hybrid" if preset else "")
 
 
 def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weights_for_training(tmp_path, mnist_dir):
@@ -213,25 +215,40 @@ def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mn
     assert checkpoint.load(str(out / "ckpt.pt"))["config"]["precision"] == "bf16"
 
 
+def legacy_layout(ckpt):
+    """A checkpoint as train.py wrote it until December 2026: the critics inside the model."""
+    critics = ckpt.pop("critics", {})
+    for key in ("model", "train_model"):
+        if key in ckpt:
+            ckpt[key] = {**ckpt[key], **critics}
+    names = {name.split(".")[0] for name in critics}
+    ckpt["model_args"] = {**ckpt["model_args"], "critic": "critic" in names, "latent_critic": "latent_critic" in names,
+                          "critic_hidden": ckpt["config"]["critic_hidden"],
+                          "critic_channels": ckpt["config"]["critic_channels"]}
+    del ckpt["config"]["preset"], ckpt["config"]["prior_draws"]
+    return ckpt
+
+
 @pytest.mark.parametrize("missing, model_args, sums, trained_with", [
     # before the pixel MMD and the critic: four running sums instead of nine
     (("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr", "latent_adv_weight", "latent_critic_lr"),
      ("critic", "latent_critic"), 4, ("--pixel_mmd_weight=0", "--adv_weight=0", "--latent_adv_weight=0")),
     # before the latent critic: seven
-    (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7, ("--latent_adv_weight=0",)),
+    (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7,
+     ("--pixel_mmd_weight=100", "--adv_weight=20", "--latent_adv_weight=0")),
     # before the critic's fully connected layer (its features went straight to the logit) and the moving average
-    (("critic_hidden", "ema_decay"), ("critic_hidden",), 9, ("--critic_hidden=0", "--ema_decay=0")),
+    (("critic_hidden", "ema_decay"), ("critic_hidden",), 9, ("--adv_weight=20", "--critic_hidden=0", "--ema_decay=0")),
     # before the critic's own widths (its convolutions were as wide as the encoder's)
-    (("critic_channels",), ("critic_channels",), 9, ("--critic_channels=0",)),
+    (("critic_channels",), ("critic_channels",), 9, ("--adv_weight=20", "--critic_channels=0")),
 ])
 def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
                                                                       trained_with):
-    # Made before the options existed: trained without those terms, and without their settings in its config
-    # or model_args, or their running sums. It resumes with those terms off, as it was trained, whatever today's
-    # defaults are.
+    # Made before the options existed (and before the critics had a module of their own): trained as
+    # trained_with says, and without the missing settings in its config or model_args, or their running sums.
+    # It resumes as it was trained, whatever today's defaults are.
     run = (*TINY, f"--out_dir={tmp_path / 'run'}", f"--data_dir={mnist_dir}")
     train_here(*run, "--max_steps=3", *trained_with)
-    old = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    old = legacy_layout(torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True))
     for name in missing:
         del old["config"][name]
     for name in model_args:
@@ -241,7 +258,30 @@ def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, 
     train_here(*run, "--resume=True", "--max_steps=5")
     resumed = checkpoint.load(str(tmp_path / "run" / "ckpt.pt"))
     assert resumed["step"] == 5
-    assert all(resumed["config"][option.split("=")[0][2:]] == 0.0 for option in trained_with)
+    for option in trained_with:
+        name, value = option[2:].split("=")
+        assert resumed["config"][name] == type(train.DEFAULTS[name])(value), name
+
+
+def test_a_hybrid_checkpoint_from_before_the_critics_module_samples_and_resumes(tmp_path, mnist_dir):
+    # tests/data/hybrid_v1_ckpt.pt: 10 steps of a tiny hybrid run (both critics, pixel MMD, a 3-component
+    # ex-post prior) written by train.py at commit f78ea7d, when MMDVAE held the critics.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(open(os.path.join(REPO, "tests", "data", "hybrid_v1_ckpt.pt"), "rb").read())
+    old = torch.load(out / "ckpt.pt", weights_only=True)
+    for prior in ("normal", "gmm"):
+        result = run_script("sample.py", f"--out_dir={out}", f"--prior={prior}", f"--out={tmp_path / prior}.png")
+        assert result.returncode == 0 and (tmp_path / f"{prior}.png").exists(), result.stderr[-2000:]
+    train_here(f"--out_dir={out}", "--resume=True", "--max_steps=14", f"--data_dir={mnist_dir}")
+    resumed = checkpoint.load(str(out / "ckpt.pt"))
+    assert resumed["step"] == 14 and resumed["config"]["adv_weight"] == 20 and resumed["config"]["latent_adv_weight"] == 5
+    assert set(resumed["model_args"]) == {"latent_dim", "channels", "hidden", "stochastic"}
+    assert {name.split(".")[0] for name in resumed["critics"]} == {"critic", "latent_critic"}
+    assert not any("critic" in name for name in resumed["model"])
+    # The critics went on training from their saved weights.
+    moved = [(resumed["critics"][name] - old["train_model"][name]).abs().max() for name in resumed["critics"]]
+    assert max(moved) > 0 and resumed["critics"].keys() <= old["train_model"].keys()
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir):

@@ -9,8 +9,8 @@ import torch
 import evaluate
 import sample
 import train
-from cli import UserError, parse_overrides
-from conftest import REPO, assert_user_error, run_script
+from cli import UserError, parse_overrides, read_presets
+from conftest import REPO, assert_user_error, run_script, train_here
 
 DEFAULTS = {"batch_size": 100, "lr": 1e-3, "resume": False, "kernel": "gaussian"}
 
@@ -135,3 +135,67 @@ def test_sample_refuses_bad_options(trained, tmp_path, args, words):
     for word in words:
         assert word in str(info.value)
     assert not (tmp_path / "x.png").exists()
+
+
+PRESETS = sorted(name for name in os.listdir(os.path.join(REPO, "config")) if name.endswith(".py"))
+
+
+def test_the_shipped_presets_include_the_ones_the_readme_measures():
+    assert {"hybrid.py", "elbo.py", "tutorial.py", "seed_notebook.py"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_shipped_preset_parses_and_trains_two_steps(name, tmp_path, mnist_dir):
+    path = os.path.join(REPO, "config", name)
+    values, names, rest = read_presets([path, "--seed=3"], train.DEFAULTS, "train.py")
+    assert values and names == [name[:-3]] and rest == ["--seed=3"]
+    with open(path) as f:
+        assert f.readline().startswith("# "), "a preset starts with comment lines saying what it is"
+    train_here(path, "--max_steps=2", "--prior_components=0", "--precision=fp32", f"--data_dir={mnist_dir}",
+               f"--out_dir={tmp_path}")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["preset"] == name[:-3]
+    assert all(saved["config"][k] == v for k, v in values.items() if k != "max_steps")
+
+
+def test_a_preset_applies_first_and_the_flags_after_it(tmp_path):
+    hybrid = os.path.join(REPO, "config", "hybrid.py")
+    for argv in ([hybrid, "--epochs=20"], ["--epochs=20", hybrid]):  # wherever the flag stands
+        cfg, given = train.read_config(argv)
+        assert cfg["epochs"] == 20 and cfg["adv_weight"] == 20.0 and cfg["latent_dim"] == 24
+        assert cfg["preset"] == "hybrid" and {"epochs", "adv_weight", "latent_dim"} <= given
+    cfg, _ = train.read_config([])
+    assert cfg["preset"] == "" and cfg["adv_weight"] == 0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("latent_dim = 8\nlattent_dim = 8\n", ["line 2", "unknown option lattent_dim", "latent_dim"]),
+    ("# a comment\nlatent_dim = 'eight'\n", ["line 2", "latent_dim must be a whole number", "'eight'"]),
+    ("lr = fast\n", ["line 1", "lr must be a number"]),
+    ("lr = 1e-3 * 2\n", ["line 1", "lr must be"]),
+    ("resume = 1\n", ["line 1", "resume must be True or False"]),
+    ("import os\n", ["line 1", "only `name = value` lines", "import os"]),
+    ("print('hi')\n", ["line 1", "only `name = value` lines"]),
+    ("a = b = 1\n", ["line 1", "only `name = value` lines"]),
+    ("latent_dim += 1\n", ["line 1", "only `name = value` lines"]),
+    ("if True:\n    latent_dim = 8\n", ["line 1", "only `name = value` lines"]),
+    ("latent_dim = (8\n", ["not valid Python"]),
+])
+def test_a_bad_preset_is_one_line_naming_the_file_and_line_and_touches_nothing(tmp_path, text, words):
+    preset = tmp_path / "bad.py"
+    preset.write_text(text)
+    out = tmp_path / "run"
+    result = run_script("train.py", str(preset), f"--out_dir={out}")
+    assert_user_error(result, str(preset), *words)
+    assert not out.exists()
+
+
+def test_a_missing_preset_is_one_line_and_touches_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", "config/no_such_preset.py", f"--out_dir={out}")
+    assert_user_error(result, "cannot read preset config/no_such_preset.py", "No such file")
+    assert not out.exists()
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    assert_user_error(run_script("train.py", str(tmp_path / "evil.py"), f"--out_dir={out}"), "only `name = value`")
+    assert not marker.exists() and not out.exists()  # parsed, never run

@@ -138,7 +138,8 @@ def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tm
     assert largest_weight_difference(tmp_path / "one", tmp_path / "two") < SAME_RUN
     assert checkpoint.load(str(tmp_path / "two" / "ckpt.pt"))["world_size"] == 2
     # One writer: one set of files, one log row, each message printed once, one progress bar.
-    assert sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "log.csv", "losses.png", "samples_epoch1.png"]
+    assert sorted(os.listdir(tmp_path / "two")) == [".writer.lock", "ckpt.pt", "log.csv", "losses.png",
+                                                    "samples_epoch1.png"]
     assert len((tmp_path / "two" / "log.csv").read_text().splitlines()) == 2
     assert stdout.count("training on") == 1 and stdout.count("epoch 1:") == 1 and "2 ranks of 16 images" in stdout
     assert stderr.count(f"epoch 1/{train.DEFAULTS['epochs']}:   0%") == 1  # one progress bar, rank 0's
@@ -154,7 +155,7 @@ def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tm
     process.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both ranks
     _, stderr = process.communicate(timeout=120)
     assert stderr.count("SIGTERM: stopped at step") == 1, stderr[-3000:]
-    assert os.listdir(stopped) == ["ckpt.pt"]  # no temporary files, no half-written epoch outputs
+    assert sorted(os.listdir(stopped)) == [".writer.lock", "ckpt.pt"]  # no temporaries, no half-written epoch outputs
     saved = checkpoint.load(str(stopped / "ckpt.pt"))
     assert saved["world_size"] == 2 and 0 < saved["step"] < 1875
 
