@@ -42,7 +42,8 @@ in_batches = evaluate.in_batches
 
 def nearest(points, reference, k):
     """(distances, indices) of the k nearest rows of `reference` to each point, closest first."""
-    found = [torch.cdist(points[i:i + 500], reference).topk(k, largest=False) for i in range(0, len(points), 500)]
+    found = [torch.cdist(points[i:i + 500], reference).topk(k, largest=False) for i in range(0, len(points),
+            500)]
     return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
 
 
@@ -72,7 +73,8 @@ def main(argv):
 
     pick = torch.randperm(len(train_codes), generator=generator)[:3000]
     print(f"{cfg['checkpoint']}: latent_dim {dim}; local dimension of the train codes "
-          f"{local_dimension(train_codes[pick], train_codes):.1f}, of N(0, I) draws {local_dimension(normal[:3000], normal):.1f}")
+          f"{local_dimension(train_codes[pick], train_codes):.1f}, of N(0, I) draws "
+          f"{local_dimension(normal[:3000], normal):.1f}")
 
     train_labels = splits["train"][1]
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(train_codes.T))
@@ -109,7 +111,8 @@ def main(argv):
             row(name, f"{q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f}", sure, pure)
             if name == "N(0, I)":
                 splits_by = {"distance": dist}
-                if "prior" in ckpt:  # how likely the ex-post prior finds each draw: low = between the codes' clusters
+                # how likely the ex-post prior finds each draw: low = between the codes' clusters
+                if "prior" in ckpt:
                     splits_by["ex-post density (low first)"] = prior.log_density(ckpt["prior"], z)
                 for by, values in splits_by.items():
                     edges = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype))
@@ -120,11 +123,13 @@ def main(argv):
 
     pairs = Counter(tuple(p) for p in torch.sort(unsure_probs.topk(2, dim=1).indices, dim=1).values.tolist())
     counts = sorted(((n, p) for p, n in pairs.items()), reverse=True)
-    print(f"\nThe unsure N(0, I) draws' two likeliest digits, commonest pairs first ({len(unsure_probs)} draws): "
+    print("\nThe unsure N(0, I) draws' two likeliest digits, commonest pairs first "
+          f"({len(unsure_probs)} draws): "
           + ", ".join(f"{a}/{b} {n}" for n, (a, b) in counts[:8]))
 
     batch = config["batch_size"]
-    print(f"\nMMD^2 of {batch} train codes vs {batch} N(0, I) draws, 100 batches, per bandwidth (multiple of 2 x latent_dim):")
+    print(f"\nMMD^2 of {batch} train codes vs {batch} N(0, I) draws, 100 batches, per bandwidth (multiple of "
+          "2 x latent_dim):")
     print("| bandwidth | codes: mean | both N(0, I): mean +- sd | signal / noise |")
     print("|---|---|---|---|")
     for scale in (0.02, 0.05, 0.1, 0.2, 1.0, 5.0):
@@ -132,7 +137,8 @@ def main(argv):
         for _ in range(100):
             codes = train_codes[torch.randint(len(train_codes), (batch,), generator=generator)]
             codes_vs.append(mmd(codes, torch.randn(batch, dim, generator=generator), scales=[scale]).item())
-            null.append(mmd(torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator),
+            null.append(mmd(torch.randn(batch, dim, generator=generator), torch.randn(batch, dim,
+                    generator=generator),
                             scales=[scale]).item())
         codes_vs, null = torch.tensor(codes_vs), torch.tensor(null)
         print(f"| {scale} | {codes_vs.mean():.2e} | {null.mean():.1e} +- {null.std():.1e} | "
@@ -149,21 +155,25 @@ def main(argv):
             print(f"  {passes} passes: FID {m['fid']:.2f}, IS {m['is']:.2f}, coverage {m['coverage']:.1f}")
             z = in_batches(model.encode, images)
 
-    print(f"\nMMD^2 in pixel space against {batch} train images, 100 batches, per bandwidth (squared pixel distance):")
+    print(f"\nMMD^2 in pixel space against {batch} train images, 100 batches, per bandwidth (squared "
+          "pixel distance):")
     print("| bandwidth | reconstructions: signal / noise | decoded N(0, I) draws: signal / noise |")
     print("|---|---|---|")
     train_x = splits["train"][0]
-    batches = [[torch.randint(len(train_x), (batch,), generator=generator) for _ in range(3)] for _ in range(100)]
+    batches = [[torch.randint(len(train_x), (batch,),
+                              generator=generator) for _ in range(3)] for _ in range(100)]
     with torch.no_grad():
         flat = [(data.to_float(train_x[a]).flatten(1), data.to_float(train_x[b]).flatten(1),
                  model.decode(model.encode(data.to_float(train_x[c]))).flatten(1),
-                 model.decode(torch.randn(batch, dim, generator=generator)).flatten(1)) for a, b, c in batches]
+                 model.decode(torch.randn(batch, dim, generator=generator)).flatten(1)) for a, b,
+                 c in batches]
     for bandwidth in (10.0, 30.0, 100.0, 300.0):
         def mean_sd(which):
             values = torch.tensor([mmd(f[which], f[0], bandwidth=bandwidth).item() for f in flat])
             return values.mean(), values.std()
         null_mean, null_sd = mean_sd(1)
-        print(f"| {bandwidth:g} | {(mean_sd(2)[0] - null_mean) / null_sd:.2f} | {(mean_sd(3)[0] - null_mean) / null_sd:.2f} |")
+        print(f"| {bandwidth:g} | {(mean_sd(2)[0] - null_mean) / null_sd:.2f} | "
+              f"{(mean_sd(3)[0] - null_mean) / null_sd:.2f} |")
 
 
 if __name__ == "__main__":
