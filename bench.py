@@ -4,7 +4,7 @@
     python bench.py --json       # one JSON object
     python bench.py --quick      # fewer repeats, smaller MMD sizes (a smoke test)
     python bench.py --hidden=1024   # another shape: latent_dim, channels, hidden, batch_size, critic_channels
-    python bench.py --pixel_mmd_weight=0 --adv_weight=0 --latent_adv_weight=0 --latent_dim=16   # the first default's loss and size
+    python bench.py --pixel_mmd_weight=100 --adv_weight=20 --latent_adv_weight=5   # with the hybrid's terms
 
   train       images/s and ms per step of the model and batch size (train.py's) through our loop
               (uint8 data on the device, batches by index, MMD from one matmul) and through a
@@ -35,15 +35,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import data
 import hybrid
+import speed
 import train
 from cli import parse_overrides, pick_device, print_results, run
 from mmd import mmd
 
 # train.py's options that bench.py takes, with train.py's defaults: the model's shape, the batch size, and
 # the pixel MMD's and the two critics' weights (to time the loss without those terms).
-TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight", "latent_adv_weight",
+TRAIN_OPTIONS = ("latent_dim", "channels", "hidden", "batch_size", "pixel_mmd_weight", "adv_weight",
+                 "latent_adv_weight",
                  "ema_decay", "critic_channels")
-DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data", **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
+DEFAULTS = dict(device="auto", json=False, quick=False, data_dir="data",
+                **{k: train.DEFAULTS[k] for k in TRAIN_OPTIONS})
 
 
 def sync(device):
@@ -114,7 +117,8 @@ def naive_loss(model, x, cfg):
     prior draws), "latent_critic": (prior draws, the codes)}."""
     logits, z, _, _ = model(x)
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
-    loss = recon + cfg["mmd_weight"] * mmd_expanded(z, torch.randn_like(z), train.parse_scales(cfg["kernel_scales"]),
+    prior_draws = torch.randn(cfg["prior_draws"] or len(z), z.shape[1], device=z.device)
+    loss = recon + cfg["mmd_weight"] * mmd_expanded(z, prior_draws, train.parse_scales(cfg["kernel_scales"]),
                                                     2.0 * z.shape[1])
     scored = {}
     if cfg["pixel_mmd_weight"] > 0 or cfg["adv_weight"] > 0:
@@ -141,9 +145,11 @@ def naive_fooled(critic, made):
 
 def naive_step(images, device, cfg):
     """The same model and loss the textbook way: per-sample DataLoader, expanded MMD, plain Adam, fp32,
-    and each critic as in DCGAN: its own Adam and its own backward pass, before the decoder's and encoder's."""
+    and each critic as in DCGAN: its own Adam and its own backward pass, before the decoder's and
+    encoder's."""
     model, modules = default_model(device, cfg)
-    critics = {name: (critic, torch.optim.Adam(critic.parameters(), lr=cfg[hybrid.CRITICS[name][1]], betas=(0.5, 0.999)),
+    critics = {name: (critic, torch.optim.Adam(critic.parameters(), lr=cfg[hybrid.CRITICS[name][1]],
+                                               betas=(0.5, 0.999)),
                       cfg[hybrid.CRITICS[name][0]])
                for name, critic in modules.items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
@@ -151,7 +157,7 @@ def naive_step(images, device, cfg):
     batches = [iter(DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True, drop_last=True))]
 
     def step():
-        torch.set_flush_denormal(False)  # one of our CPU settings (train.speed_settings): not the naive loop's
+        torch.set_flush_denormal(False)  # one of our CPU settings (speed.settings): not the naive loop's
         try:
             (x,) = next(batches[0])
         except StopIteration:
@@ -168,7 +174,7 @@ def naive_step(images, device, cfg):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        train.speed_settings(device)
+        speed.settings(device)
     return step
 
 
@@ -199,11 +205,13 @@ def one_thread_ratio(images, device, cfg, steps, repeats):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ms, _ = interleaved_ms_per_step({"ours": our_step(images, device, cfg), "naive": naive_step(images, device, cfg)},
+        ms, _ = interleaved_ms_per_step({"ours": our_step(images, device, cfg), "naive": naive_step(images,
+                device, cfg)},
                                         device, steps, repeats)
     finally:
         torch.set_num_threads(threads)
-    return {"ours_ms_per_step": ms["ours"], "naive_ms_per_step": ms["naive"], "ratio": ms["naive"] / ms["ours"]}
+    return {"ours_ms_per_step": ms["ours"], "naive_ms_per_step": ms["naive"],
+            "ratio": ms["naive"] / ms["ours"]}
 
 
 def multiply_adds_per_image(model):
@@ -216,9 +224,11 @@ def multiply_adds_per_image(model):
         elif isinstance(module, nn.Conv2d):
             total[0] += output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
         elif isinstance(module, nn.ConvTranspose2d):
-            total[0] += inputs[0][0].numel() * module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+            kh, kw = module.kernel_size
+            total[0] += inputs[0][0].numel() * module.out_channels * kh * kw
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d,
+            nn.ConvTranspose2d))]
     with torch.no_grad():
         model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
     for h in hooks:
@@ -274,41 +284,48 @@ def bench(device, quick, data_dir, train_options):
     cfg = {**train.DEFAULTS, **train_options}
     train.validate(cfg)
     repeats, steps = (3, 5) if quick else (7, 10)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({torch.get_num_threads()} threads)",
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    results = {"device": name or f"{device.type} ({torch.get_num_threads()} threads)",
                "torch": torch.__version__, **train_options}
     images = data.load(cfg["dataset"], data_dir, device)["train"][0]
-    train.speed_settings(device)
+    speed.settings(device)
     cfg["precision"], speedup = train.resolve_precision(cfg, device)  # as train.py would, once
 
     # Each optimisation switched, against train.py's step ("ours": fused Adam, bf16 autocast on CPUs
     # where it pays, a CUDA graph on CUDA).
     candidates = {"ours": our_step(images, device, cfg), "naive": naive_step(images, device, cfg),
-                  "fp32_foreach_adam": our_step(images, device, cfg, foreach_adam=True, precision="fp32", cuda_graph=False),
+                  "fp32_foreach_adam": our_step(images, device, cfg, foreach_adam=True, precision="fp32",
+                                                cuda_graph=False),
                   "fp32_fused_adam": our_step(images, device, cfg, precision="fp32", cuda_graph=False),
                   "plus_channels_last": our_step(images, device, cfg, channels_last=True)}
-    # Not on a CPU without oneDNN's bf16 kernels: emulated, a step took 2.8 s against 0.2 s in fp32, 4 minutes of a run.
-    if device.type != "cpu" or train.bf16_kernels():
+    # Not on a CPU without oneDNN's bf16 kernels: emulated, a step took 2.8 s against 0.2 s in fp32, 4 minutes
+    # of a run.
+    if device.type != "cpu" or speed.bf16_kernels():
         candidates["bf16_fused_adam"] = our_step(images, device, cfg, precision="bf16", cuda_graph=False)
-    # What the loss terms beyond the first default's cost: the step without the latent critic, without the critic,
-    # and without both and the pixel MMD.
+    # What the loss terms beyond the first default's cost: the step without the latent critic, without the
+    # critic, and without both and the pixel MMD.
     if cfg["latent_adv_weight"] > 0:
         candidates["without_latent_critic"] = our_step(images, device, cfg, latent_adv_weight=0.0)
     if cfg["adv_weight"] > 0:
         candidates["without_critic"] = our_step(images, device, cfg, adv_weight=0.0)
-        # The critic with convolutions half as wide (the thirtieth round of the prior gap: faster, worse samples).
+        # The critic with convolutions half as wide (the thirtieth round of the prior gap: faster, worse
+        # samples).
         candidates["half_width_critic"] = our_step(images, device, cfg,
-                                                   critic_channels=max(1, hybrid.critic_width(cfg["channels"], cfg["critic_channels"]) // 2))
+                                                   critic_channels=max(1,
+                                                           hybrid.critic_width(cfg["channels"],
+                                                                   cfg["critic_channels"]) // 2))
     if cfg["ema_decay"] > 0:
         candidates["without_average"] = our_step(images, device, cfg, ema_decay=0.0)
     if cfg["adv_weight"] > 0 or cfg["pixel_mmd_weight"] > 0 or cfg["latent_adv_weight"] > 0:
-        candidates["plain_loss"] = our_step(images, device, cfg, adv_weight=0.0, pixel_mmd_weight=0.0, latent_adv_weight=0.0)
+        candidates["plain_loss"] = our_step(images, device, cfg, adv_weight=0.0, pixel_mmd_weight=0.0,
+                                            latent_adv_weight=0.0)
     if not quick:
         candidates["plus_compile"] = our_step(images, device, cfg, compile_step=True, cuda_graph=False)
     if device.type == "cuda":
         candidates["bf16_cuda_graph"] = our_step(images, device, cfg, precision="bf16")
     ms, first = interleaved_ms_per_step(candidates, device, steps, repeats)
     ours, naive = ms["ours"] / 1000, ms["naive"] / 1000
-    results["precision"] = train.precision_name(device, cfg["precision"], speedup)
+    results["precision"] = speed.precision_name(device, cfg["precision"], speedup)
     results["train"] = {"ours_images_per_s": cfg["batch_size"] / ours, "ours_ms_per_step": 1000 * ours,
                         "naive_images_per_s": cfg["batch_size"] / naive, "naive_ms_per_step": 1000 * naive,
                         "ratio": naive / ours}
@@ -320,9 +337,10 @@ def bench(device, quick, data_dir, train_options):
     macs = multiply_adds_per_image(default_model(device, cfg)[0])
     achieved = 6 * macs * cfg["batch_size"] / ours
     # Against a matmul in the precision the step computes in (bf16 where autocast is on).
-    dtype = train.autocast_dtype(device, cfg["precision"]) or torch.float32
+    dtype = speed.autocast_dtype(device, cfg["precision"]) or torch.float32
     peak = matmul_flops(device, 8192 if device.type == "cuda" else 2048, repeats, dtype)
-    results["flops"] = {"multiply_adds_per_image": macs, "train_flops_per_s": achieved, "matmul_dtype": str(dtype),
+    results["flops"] = {"multiply_adds_per_image": macs, "train_flops_per_s": achieved,
+                        "matmul_dtype": str(dtype),
                         "matmul_flops_per_s": peak, "percent_of_matmul": 100 * achieved / peak}
 
     sizes = (1024, 4096) if quick else (4096, 16384)
@@ -349,23 +367,31 @@ def bench(device, quick, data_dir, train_options):
 
 def print_table(r):
     t = r["train"]
-    print(f"device: {r['device']}, torch {r['torch']}, {r['precision']}, model latent {r['latent_dim']} channels {r['channels']} "
-          f"hidden {r['hidden']}, batch {r['batch_size']}, pixel_mmd_weight {r.get('pixel_mmd_weight', 0.0)}, "
-          f"adv_weight {r.get('adv_weight', 0.0)}, latent_adv_weight {r.get('latent_adv_weight', 0.0)}")  # absent: made before the option
+    print(f"device: {r['device']}, torch {r['torch']}, {r['precision']}, model latent {r['latent_dim']} "
+          f"channels {r['channels']} "
+          f"hidden {r['hidden']}, batch {r['batch_size']}, pixel_mmd_weight "
+          f"{r.get('pixel_mmd_weight', 0.0)}, "
+          # absent: made before the option
+          f"adv_weight {r.get('adv_weight', 0.0)}, latent_adv_weight {r.get('latent_adv_weight', 0.0)}")
     print(f"train   ours  {t['ours_images_per_s']:9.0f} images/s  {t['ours_ms_per_step']:7.2f} ms/step")
-    print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   ours/naive {t['ratio']:.2f}x")
+    print(f"        naive {t['naive_images_per_s']:9.0f} images/s  {t['naive_ms_per_step']:7.2f} ms/step   "
+          f"ours/naive {t['ratio']:.2f}x")
     if "one_thread" in r:
         o = r["one_thread"]
-        print(f"        1 thread:  ours {o['ours_ms_per_step']:.2f} ms/step, naive {o['naive_ms_per_step']:.2f} ms/step, "
+        print(f"        1 thread:  ours {o['ours_ms_per_step']:.2f} ms/step, naive "
+              f"{o['naive_ms_per_step']:.2f} ms/step, "
               f"ours/naive {o['ratio']:.2f}x")
     for name, v in r["variants"].items():
         extra = f"  (first step {v['first_step_s']:.1f}s)" if "first_step_s" in v else ""
         print(f"        {name:<19}{v['ms_per_step']:7.2f} ms/step{extra}")
     f = r["flops"]
-    print(f"flops   {f['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image; training {f['train_flops_per_s'] / 1e9:.1f} GFLOP/s "
-          f"= {f['percent_of_matmul']:.1f}% of a {f['matmul_dtype'].split('.')[-1]} matmul's {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    print(f"flops   {f['multiply_adds_per_image'] / 1e6:.2f}M multiply-adds/image; training "
+          f"{f['train_flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {f['percent_of_matmul']:.1f}% of a {f['matmul_dtype'].split('.')[-1]} matmul's "
+          f"{f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")
     for n, row in r["mmd"].items():
-        cells = [f"{form} " + (f"{v['seconds'] * 1000:.0f} ms, {v['peak_gib']:.2f} GiB" if "seconds" in v else v["skipped"])
+        cells = [f"{form} " + (f"{v['seconds'] * 1000:.0f} ms, {v['peak_gib']:.2f} GiB" if "seconds" in v
+                               else v["skipped"])
                  for form, v in row.items()]
         print(f"mmd     N=M={n}, D=64: " + " | ".join(cells))
     print(f"sample  {r['sampling_images_per_s']:.0f} images/s decoded")
@@ -373,7 +399,8 @@ def print_table(r):
 
 def main(argv):
     cfg, _ = parse_overrides(DEFAULTS, argv, "bench.py")
-    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"], {k: cfg[k] for k in TRAIN_OPTIONS})
+    results = bench(pick_device(cfg["device"]), cfg["quick"], cfg["data_dir"],
+                    {k: cfg[k] for k in TRAIN_OPTIONS})
     print_results(results, cfg["json"], print_table)
 
 

@@ -6,13 +6,15 @@
   `error: ...`, and exits with status 2 instead of a traceback;
 - the "auto" device choice, and files written atomically (a temporary file in the
   same folder, fsync, os.replace) so a crash never leaves a half-written one;
-- RunLock: one writer per run folder at a time.
+- RunLock: one writer per run folder at a time; StopRequest: Ctrl-C and SIGTERM, acted on later;
+- save_grid: an image grid (torchvision.utils.save_image), written atomically.
 """
 import ast
 import fcntl
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -35,9 +37,9 @@ class UserError(Exception):
 def parse_overrides(defaults, argv, script):
     """Return a copy of `defaults` with `--name=value` arguments applied.
 
-    A value must have the default's type (an int is accepted for a float);
-    strings need no quotes; a bare --flag sets a boolean to True. Unknown names and malformed arguments are UserErrors.
-    Returns (config, names that were set on the command line).
+    A value must have the default's type (an int is accepted for a float); strings need no quotes; a bare
+    --flag sets a boolean to True. Unknown names and malformed arguments are UserErrors. Returns (config,
+    names that were set on the command line).
     """
     config, given = dict(defaults), set()
     for arg in argv:
@@ -49,7 +51,8 @@ def parse_overrides(defaults, argv, script):
         if arg.startswith("--") and "=" not in arg and isinstance(defaults.get(arg[2:]), bool):
             arg += "=True"  # a bare --flag switches a boolean on
         if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"cannot read argument {arg!r}: write options as --name=value (see python {script} --help)")
+            raise UserError(f"cannot read argument {arg!r}: write options as --name=value (see python "
+                            f"{script} --help)")
         name, text = arg[2:].split("=", 1)
         if name not in defaults:
             raise unknown_option(name, defaults, script, prefix="--")
@@ -75,7 +78,8 @@ def convert(name, text, default):
     if type(default) is str:
         return text
     if type(default) is bool:
-        value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+        value = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                 "no": False}.get(text.lower())
     else:
         try:
             value = ast.literal_eval(text)
@@ -113,18 +117,22 @@ def read_presets(argv, defaults, script):
                 source = f.read()
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
-            raise UserError(f"cannot read preset {arg} ({reason}); options are --name=value, and a preset is a "
+            raise UserError(f"cannot read preset {arg} ({reason}); options are --name=value, and a "
+                            "preset is a "
                             f"file such as config/hybrid.py") from None
         try:
             tree = ast.parse(source, arg)
         except SyntaxError as e:
-            raise UserError(f"{arg}, line {e.lineno}: not valid Python ({e.msg}); a preset holds `name = value` "
+            raise UserError(f"{arg}, line {e.lineno}: not valid Python ({e.msg}); a preset holds "
+                            "`name = value` "
                             f"lines and comments") from None
         for node in tree.body:
             where = f"{arg}, line {node.lineno}"
-            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            simple = isinstance(node, ast.Assign) and len(node.targets) == 1
+            if not (simple and isinstance(node.targets[0], ast.Name)):
+                statement = ast.get_source_segment(source, node) or type(node).__name__
                 raise UserError(f"{where}: a preset holds only `name = value` lines and comments, not "
-                                f"{first_line(ast.get_source_segment(source, node) or type(node).__name__, 60)!r}")
+                                f"{first_line(statement, 60)!r}")
             name = node.targets[0].id
             if name not in defaults:
                 raise UserError(f"{where}: {unknown_option(name, defaults, script)}")
@@ -134,7 +142,8 @@ def read_presets(argv, defaults, script):
                 value = None
             if value is None:
                 raise UserError(f"{where}: {name} must be {KINDS[type(defaults[name])]}, like its default "
-                                f"{defaults[name]!r}, not {first_line(ast.get_source_segment(source, node.value), 60)}")
+                                f"{defaults[name]!r}, not "
+                                f"{first_line(ast.get_source_segment(source, node.value), 60)}")
             values[name] = value
         names.append(os.path.splitext(os.path.basename(arg))[0])
     return values, names, rest
@@ -190,7 +199,8 @@ def pick_device(name):
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    require(available.get(device.type, False), f"device {name!r} is not available on this machine; use --device=auto")
+    require(available.get(device.type, False), f"device {name!r} is not available on this machine; use "
+                                               "--device=auto")
     return device
 
 
@@ -234,12 +244,48 @@ def atomic_write(path):
         # "unexpected pos", or "file write failed"); other RuntimeErrors are bugs and keep their traceback.
         if isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e):
             raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the file stopped short: a full disk or a size limit"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+            "the file stopped short: a full disk or a size limit"
         raise UserError(f"cannot write {path} ({reason}); free some disk space or choose another path. "
                         f"Nothing was replaced") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(folder, option="--out_dir="):
+    """Fail before training, not after the first epoch, if checkpoints cannot be written there."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with atomic_write(os.path.join(folder, ".write_test")) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"\0" * 65536)
+        os.remove(os.path.join(folder, ".write_test"))
+    except OSError as e:
+        raise UserError(f"cannot write to {option}{folder} ({e.strerror}); choose a writable "
+                        "folder with free "
+                        f"space") from None
+
+
+def save_grid(images, path, nrow=8, pad_value=0.0):
+    """(N, C, H, W) images in [0, 1] as one image file, `nrow` to a row, replaced atomically."""
+    from torchvision.utils import save_image  # imported here: 1.5 s that only a script that saves grids pays
+    with atomic_write(path) as tmp:
+        save_image(images, tmp, nrow=nrow, padding=2, pad_value=pad_value)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: remembered here (signum), acted on where the loop can stop cleanly."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        for s in self.SIGNALS:
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.signum = signum
 
 
 LOCK_NAME = ".writer.lock"
@@ -257,7 +303,8 @@ class RunLock:
             os.makedirs(folder, exist_ok=True)
             self.file = open(os.path.join(folder, LOCK_NAME), "a+")  # a+ creates, and never truncates
         except OSError as e:
-            raise UserError(f"cannot write to {option}{folder} ({e.strerror}); choose a writable folder with free "
+            raise UserError(f"cannot write to {option}{folder} ({e.strerror}); choose a writable "
+                            "folder with free "
                             f"space") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -270,7 +317,8 @@ class RunLock:
         except OSError as e:  # ENOLCK, EOPNOTSUPP: some network filesystems have no working locks
             self.file.close()
             self.file = None
-            print(f"warning: {folder} has no working file locks ({e.strerror}); nothing stops a second process "
+            print(f"warning: {folder} has no working file locks ({e.strerror}); nothing stops a "
+                  "second process "
                   f"from writing this run at the same time", file=sys.stderr)
             return
         self.file.seek(0)
@@ -278,6 +326,14 @@ class RunLock:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                    "command": " ".join(sys.argv)[:500]}, self.file)
         self.file.flush()
+
+    @classmethod
+    def attempt(cls, folder, advice, option=""):
+        """(the lock, "") or (None, the refusal's line), for a caller that must share the refusal first."""
+        try:
+            return cls(folder, advice, option), ""
+        except UserError as e:
+            return None, str(e)
 
     def __enter__(self):
         return self

@@ -2,7 +2,7 @@
 
     python sample.py                                 # 8x8 grid of decoded N(0, I) noise -> images/samples.png
     python sample.py --prior=gmm                     # the same from the checkpoint's ex-post prior (prior.py)
-    python sample.py --fit_prior                     # fit that prior for a checkpoint that has none, and save it
+    python sample.py --fit_prior                     # fit and save that prior where a checkpoint has none
     python sample.py --mode=traverse                 # sweep two latent axes over [-2, 2]
     python sample.py --mode=interpolate              # walk between encoded test digits
     python sample.py --mode=reconstruct              # test digits above their reconstructions
@@ -19,17 +19,17 @@ import torch
 import checkpoint
 import data
 import prior
-import train
-from cli import RunLock, atomic_write, parse_overrides, pick_device, require, run
+from cli import RunLock, atomic_write, parse_overrides, pick_device, require, run, save_grid
 from evaluate import in_batches
 
 DEFAULTS = dict(
     out_dir="out",           # where train.py wrote ckpt.pt
     checkpoint="",           # a checkpoint file; empty = {out_dir}/ckpt.pt
     mode="sample",           # sample, traverse, interpolate or reconstruct
-    prior="normal",          # sample mode draws z from: normal (N(0, I), the MMD-VAE's claim) or gmm (the ex-post prior)
+    # sample mode draws z from: normal (N(0, I), the MMD-VAE's claim) or gmm (the ex-post prior)
+    prior="normal",
     fit_prior=False,         # fit the ex-post prior to the train codes and store it in the checkpoint first
-    prior_components=train.prior_components,  # Gaussian components of that fit
+    prior_components=0,      # Gaussian components of that fit; 0 = as many as the run's own (train.py's: 50)
     num=64,                  # images in the grid (sample mode; rows x nrow in the others)
     nrow=8,                  # images per row
     seed=0,                  # noise and choice of test digits
@@ -41,8 +41,10 @@ DEFAULTS = dict(
 MODES = ("sample", "traverse", "interpolate", "reconstruct")
 PRIORS = ("normal", "gmm")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DECODE_CHUNK = 2_000      # images decoded at once, so that memory is the output tensor plus one chunk, for any --num
-MAX_GRID_TILES = 10_000   # more digits than this in one PNG is unreadable (and gigabytes); --tensor keeps them all
+# images decoded at once, so that memory is the output tensor plus one chunk, for any --num
+DECODE_CHUNK = 2_000
+# more digits than this in one PNG is unreadable (and gigabytes); --tensor keeps them all
+MAX_GRID_TILES = 10_000
 
 
 def decode(model, z):
@@ -50,13 +52,15 @@ def decode(model, z):
     device = next(model.parameters()).device
     images = torch.empty(len(z), 1, 28, 28)
     for start in range(0, len(z), DECODE_CHUNK):
-        images[start:start + DECODE_CHUNK] = model.decode(z[start:start + DECODE_CHUNK].to(device)).float().cpu()
+        chunk = slice(start, start + DECODE_CHUNK)
+        images[chunk] = model.decode(z[chunk].to(device)).float().cpu()
     return images
 
 
 def sample(model, num, generator, gmm=None):
     """Decode num draws of z ~ N(0, I), or of the ex-post prior `gmm` when given."""
-    z = torch.randn(num, model.latent_dim, generator=generator) if gmm is None else prior.sample_gmm(gmm, num, generator)
+    z = torch.randn(num, model.latent_dim, generator=generator) if gmm is None else prior.sample_gmm(gmm,
+            num, generator)
     return decode(model, z)
 
 
@@ -66,7 +70,8 @@ def fit_prior(model, ckpt, path, components, device):
     prior.check_components(components, len(images))
     ckpt["prior"] = prior.fit(model, images, components, ckpt["config"]["seed"])
     checkpoint.save(path, ckpt)
-    print(f"fitted a {components}-component ex-post prior in {ckpt['prior']['seconds']:.1f}s and saved it to {path}")
+    print(f"fitted a {components}-component ex-post prior in {ckpt['prior']['seconds']:.1f}s and saved "
+          f"it to {path}")
 
 
 def traverse(model, nrow, axes):
@@ -93,7 +98,8 @@ def interpolate(model, x_start, x_end, nrow):
 
 def reconstruct(model, x, nrow):
     """Rows of nrow originals, each followed by a row of their reconstructions."""
-    x_hat, x = decode(model, in_batches(model.encode, x, DECODE_CHUNK)), x.cpu()  # decode() returns CPU images
+    # decode() returns CPU images
+    x_hat, x = decode(model, in_batches(model.encode, x, DECODE_CHUNK)), x.cpu()
     rows = [t for i in range(0, len(x), nrow) for t in (x[i:i + nrow], x_hat[i:i + nrow])]
     return torch.cat(rows)
 
@@ -101,9 +107,12 @@ def reconstruct(model, x, nrow):
 def main(argv):
     cfg, _ = parse_overrides(DEFAULTS, argv, "sample.py")
     require(cfg["mode"] in MODES, f"unknown mode {cfg['mode']!r}; choose one of {', '.join(MODES)}")
-    require(cfg["num"] > 0 and cfg["nrow"] > 0, f"--num={cfg['num']} and --nrow={cfg['nrow']} must be positive")
+    require(cfg["num"] > 0 and cfg["nrow"] > 0,
+            f"--num={cfg['num']} and --nrow={cfg['nrow']} must be positive")
     require(cfg["prior"] in PRIORS, f"unknown prior {cfg['prior']!r}; choose one of {', '.join(PRIORS)}")
-    require(cfg["prior_components"] >= 1, f"--prior_components={cfg['prior_components']} must be between 1 and the number of training codes")
+    require(cfg["prior_components"] >= 0,
+            f"--prior_components={cfg['prior_components']} must be 0 (the run's own) "
+            f"or between 1 and the number of training codes")
     require(os.path.splitext(cfg["out"])[1].lower() in IMAGE_EXTENSIONS,
             f"--out={cfg['out'][:80]} must name an image file ending in {', '.join(IMAGE_EXTENSIONS)}")
     require(cfg["prior"] == "normal" or cfg["mode"] == "sample",
@@ -111,12 +120,17 @@ def main(argv):
     device = pick_device(cfg["device"])
     path = cfg["checkpoint"] or os.path.join(cfg["out_dir"], "ckpt.pt")
     checkpoint.require_file(path)
-    # --fit_prior rewrites the checkpoint: it is then the run folder's one writer (cli.RunLock); sampling only reads.
-    with RunLock(os.path.dirname(os.path.abspath(path)), "wait for it to end (sampling without --fit_prior works "
+    # --fit_prior rewrites the checkpoint: it is then the run folder's one writer (cli.RunLock); sampling only
+    # reads.
+    with RunLock(os.path.dirname(os.path.abspath(path)),
+                 "wait for it to end (sampling without --fit_prior works "
                  "meanwhile), or stop that process") if cfg["fit_prior"] else contextlib.nullcontext():
         model, ckpt = checkpoint.load_model(path, device, check_prior=not cfg["fit_prior"])
         if cfg["fit_prior"]:
-            fit_prior(model, ckpt, path, cfg["prior_components"], device)
+            components = cfg["prior_components"] or ckpt["config"].get("prior_components", 0)
+            require(isinstance(components, int) and components > 0, f"{path}'s run fitted no ex-post prior "
+                    f"(prior_components=0): give the number of Gaussians, e.g. --prior_components=50")
+            fit_prior(model, ckpt, path, components, device)
     require(cfg["prior"] == "normal" or "prior" in ckpt,
             f"{path} has no ex-post prior; fit one with `python sample.py --fit_prior --checkpoint={path}`")
     try:
@@ -131,7 +145,8 @@ def main(argv):
 
     with torch.no_grad():
         if cfg["mode"] == "sample":
-            images = sample(model, cfg["num"], generator, ckpt.get("prior") if cfg["prior"] == "gmm" else None)
+            images = sample(model, cfg["num"], generator,
+                            ckpt.get("prior") if cfg["prior"] == "gmm" else None)
         elif cfg["mode"] == "traverse":
             images = traverse(model, nrow, axes)
         elif cfg["mode"] == "interpolate":
@@ -139,12 +154,12 @@ def main(argv):
             pairs = len(x) // 2  # at most half the test set: each row needs two digits
             images = interpolate(model, x[:pairs], x[pairs:2 * pairs], nrow)
         else:
-            images = reconstruct(model, test_digits(ckpt["config"], max(1, rows // 2) * nrow, generator, device), nrow)
+            images = reconstruct(model, test_digits(ckpt["config"], max(1, rows // 2) * nrow, generator,
+                                                    device), nrow)
     images = images.float().cpu()
 
     shown = images[:MAX_GRID_TILES]
-    with atomic_write(cfg["out"]) as tmp:
-        train.save_grid(shown, tmp, nrow=nrow, padding=2, pad_value=0.5)
+    save_grid(shown, cfg["out"], nrow=nrow, pad_value=0.5)
     source = f", from the {cfg['prior']} prior" if cfg["mode"] == "sample" else ""
     capped = f"; the grid shows the first {len(shown)} of {len(images)}" if len(shown) < len(images) else ""
     print(f"wrote {cfg['out']} ({len(images)} images, {cfg['mode']}{source}{capped}) from {path}")

@@ -8,13 +8,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# A network small enough that a real training run takes seconds on 2 CPU cores; no ex-post prior
-# unless a test asks for one.
-# fp32, not auto: many tests compare the weights of two runs, and auto's start-up timing of bf16 against fp32 is
-# noise at this size (1.71, 2.14, 0.99, 2.83 and 1.13 in five calls on a busy 2-core machine), so two runs of one
-# command could choose differently. The trained fixture keeps auto.
+# A network small enough that a real training run takes seconds on 2 CPU cores; no ex-post prior unless a test
+# asks for one. fp32, not auto: many tests compare the weights of two runs, and auto's start-up timing of bf16
+# against fp32 is noise at this size (1.71, 2.14, 0.99, 2.83 and 1.13 in five calls on a busy 2-core machine),
+# so two runs of one command could choose differently. The trained fixture keeps auto.
 HYBRID = os.path.join(REPO, "config", "hybrid.py")  # the hybrid preset, as a command line names it
-TINY = ["--channels=4", "--hidden=32", "--latent_dim=4", "--batch_size=32", "--log_interval=5", "--prior_components=0",
+TINY = ["--channels=4", "--hidden=32", "--latent_dim=4", "--batch_size=32", "--log_interval=5",
+        "--prior_components=0",
         "--precision=fp32"]
 
 
@@ -26,9 +26,9 @@ def run_script(script, *args, timeout=300, **kwargs):
 
 
 def train_here(*args):
-    """train.main(args) in this process: no interpreter start-up or imports (about 4 s of a small run on 2 cores).
-    For runs whose files a test reads; its stdout goes to capsys. The command-line behaviour (exit status, one-line
-    errors, signals) is tested through run_script."""
+    """train.main(args) in this process: no interpreter start-up or imports (about 4 s of a small run on 2
+    cores). For runs whose files a test reads; its stdout goes to capsys. The command-line behaviour (exit
+    status, one-line errors, signals) is tested through run_script."""
     import train
     train.main(list(args))
 
@@ -54,8 +54,9 @@ def mnist_dir():
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, mnist_dir):
-    """A checkpoint from a short real run of train.py, with a 5-component ex-post prior, shared by the read-only tests."""
+    """A checkpoint from a short real run of train.py, with a 5-component ex-post prior: read only."""
     out = tmp_path_factory.mktemp("trained")
-    train_here(*TINY, "--max_steps=200", "--lr=3e-3", "--prior_components=5", "--precision=auto", f"--out_dir={out}",
+    train_here(*TINY, "--max_steps=200", "--lr=3e-3", "--prior_components=5", "--precision=auto",
+               f"--out_dir={out}",
                f"--data_dir={mnist_dir}")
     return out

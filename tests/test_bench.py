@@ -5,8 +5,8 @@ import torch
 import bench
 import data
 import train
-from mmd import mmd
 from cli import UserError
+from mmd import mmd
 from model import MMDVAE
 
 
@@ -20,7 +20,8 @@ def test_naive_mmd_is_the_same_statistic_as_ours():
 
 
 @pytest.mark.parametrize("pixel_mmd_weight, adv_weight, latent_adv_weight",
-                         [(0.0, 0.0, 0.0), (100.0, 0.0, 0.0), (100.0, 10.0, 0.0), (0.0, 0.0, 5.0), (100.0, 10.0, 5.0)])
+                         [(0.0, 0.0, 0.0), (100.0, 0.0, 0.0), (100.0, 10.0, 0.0), (0.0, 0.0, 5.0), (100.0,
+                                 10.0, 5.0)])
 def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight, adv_weight, latent_adv_weight):
     cfg = {**train.DEFAULTS, "pixel_mmd_weight": pixel_mmd_weight, "adv_weight": adv_weight,
            "latent_adv_weight": latent_adv_weight, "latent_dim": 4, "channels": 4, "hidden": 16}
@@ -31,7 +32,8 @@ def test_the_naive_loop_computes_train_py_s_loss(pixel_mmd_weight, adv_weight, l
     torch.manual_seed(0)
     naive, scored = bench.naive_loss(model, x, cfg)
     assert (terms["pixel_mmd"] > 0) == (pixel_mmd_weight > 0)
-    assert set(scored) == {name for name, weight in (("critic", adv_weight), ("latent_critic", latent_adv_weight)) if weight}
+    assert set(scored) == {name for name, weight in (("critic", adv_weight), ("latent_critic",
+            latent_adv_weight)) if weight}
     for name, weight in (("critic", adv_weight), ("latent_critic", latent_adv_weight)):
         if name in scored:  # the naive loop's critic terms, as its step adds them
             real, made = scored[name]
@@ -62,7 +64,8 @@ def test_both_loops_and_the_mmd_timings_run_on_real_mnist(mnist_dir):
     images = data.load("mnist", mnist_dir, device)["train"][0][:1000]
     cfg = dict(train.DEFAULTS)
     ms, first = bench.interleaved_ms_per_step({"ours": bench.our_step(images, device, cfg),
-                                               "naive": bench.naive_step(images, device, cfg)}, device, steps=2, repeats=1)
+                                               "naive": bench.naive_step(images, device, cfg)}, device,
+                                               steps=2, repeats=1)
     assert set(ms) == {"ours", "naive"} and all(t > 0 for t in ms.values())
     threads = torch.get_num_threads()
     one = bench.one_thread_ratio(images, device, cfg, steps=1, repeats=1)
@@ -81,7 +84,8 @@ def test_both_loops_and_the_mmd_timings_run_on_real_mnist(mnist_dir):
     (["--adv_weight=-1"], ["--adv_weight=-1.0 must be zero or positive"]),
 ])
 def test_bad_options_are_refused_before_any_timing(args, words, monkeypatch):
-    monkeypatch.setattr(bench, "interleaved_ms_per_step", lambda *a: pytest.fail("timed despite a bad option"))
+    monkeypatch.setattr(bench, "interleaved_ms_per_step",
+                        lambda *a: pytest.fail("timed despite a bad option"))
     with pytest.raises(UserError) as info:
         bench.main(args)
     for word in words:

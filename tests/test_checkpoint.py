@@ -36,7 +36,8 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(trained):
     assert ckpt["step"] == 200 and ckpt["config"]["max_steps"] == 200
     assert ckpt["model_args"] == {"latent_dim": 4, "channels": 4, "hidden": 32, "stochastic": False}
     # The default is the MMD-VAE: not one critic tensor in the checkpoint.
-    assert "critics" not in ckpt and not any("critic" in name for key in ("model", "train_model") for name in ckpt[key])
+    assert "critics" not in ckpt and not any("critic" in name for key in ("model",
+            "train_model") for name in ckpt[key])
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     assert model.decode(torch.zeros(1, 4)).shape == (1, 1, 28, 28)
 
@@ -81,7 +82,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_
     result = run_script("train.py", *FAULT_RUN, f"--out_dir={reference}", f"--data_dir={mnist_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
-    assert len(epoch_lines) == 2 and "left" in epoch_lines[0] and "left" not in epoch_lines[1]  # the time left, until the end
+    # the time left, until the end
+    assert len(epoch_lines) == 2 and "left" in epoch_lines[0] and "left" not in epoch_lines[1]
 
     out, rng = tmp_path / "killed", random.Random(0)
     process = start_training(out, f"--data_dir={mnist_dir}")
@@ -105,8 +107,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, mnist_
 
 @pytest.mark.parametrize("preset", [[], [HYBRID]])
 def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path, mnist_dir, preset):
-    # Its end-of-run test pass draws prior samples; the resumed run must not see that in its own draws.
-    # (No lr decay: the cosine schedule spans max_steps, so a cap is meant to change it.) The hybrid's critics'
+    # Its end-of-run test pass draws prior samples; the resumed run must not see that in its own draws. (No lr
+    # decay: the cosine schedule spans max_steps, so a cap is meant to change it.) The hybrid's critics'
     # weights and Adam state must come back too, and both the last and the averaged weights.
     run = [*preset, *TINY, "--lr_decay=False", f"--data_dir={mnist_dir}", "--ema_decay=0.9"]
     capped, reference = tmp_path / "capped", tmp_path / "uncapped"
@@ -116,10 +118,12 @@ def test_a_run_ended_mid_epoch_by_max_steps_resumes_as_if_never_stopped(tmp_path
     resumed, uncapped = (torch.load(path / "ckpt.pt", weights_only=True) for path in (capped, reference))
     for key in ("model", "train_model", *(["critics"] if preset else [])):
         assert_same_weights(resumed[key], uncapped[key])
-    assert ("critics" in resumed) == bool(preset) and resumed["config"]["preset"] == ("hybrid" if preset else "")
+    assert ("critics" in resumed) == bool(preset)
+    assert resumed["config"]["preset"] == ("hybrid" if preset else "")
 
 
-def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weights_for_training(tmp_path, mnist_dir):
+def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weights_for_training(tmp_path,
+        mnist_dir):
     # Two runs from the same seed take the same steps; only what "model" holds differs. At decay d the average
     # after n steps is the sum over steps t of (1 - d) d^(n - t) w_t, plus d^n times the initial weights:
     # with d = 0.5 it stays within a few steps of the last weights, but is not them.
@@ -132,24 +136,28 @@ def test_the_checkpoint_holds_the_moving_average_for_sampling_and_the_last_weigh
     assert "train_model" not in last  # without an average, the last weights are the only ones
     moved = [(averaged["model"][name] - last["model"][name]).abs().max() for name in last["model"]]
     assert max(moved) > 0
-    step_sizes = [(averaged["model"][name] - last["model"][name]).norm() / last["model"][name].norm().clamp(min=1e-6)
+    step_sizes = [(averaged["model"][name] - last["model"][name]).norm()
+                  / last["model"][name].norm().clamp(min=1e-6)
                   for name in last["model"] if last["model"][name].is_floating_point()]
     assert max(step_sizes) < 0.5
-    model, _ = checkpoint.load_model(str(tmp_path / "averaged" / "ckpt.pt"))  # what sample.py and evaluate.py read
+    # what sample.py and evaluate.py read
+    model, _ = checkpoint.load_model(str(tmp_path / "averaged" / "ckpt.pt"))
     assert all(torch.equal(model.state_dict()[name], averaged["model"][name]) for name in averaged["model"])
 
 
 def test_the_moving_average_of_a_short_run_is_of_its_steps_not_of_its_initial_weights(tmp_path, mnist_dir):
     # Bias-corrected as Adam's moments are: after one step the average is that step's weights, however close
     # to 1 the decay (uncorrected, 99.9% of it would be the random initial weights).
-    train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=1", "--ema_decay=0.999", f"--out_dir={tmp_path}")
+    train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=1", "--ema_decay=0.999",
+               f"--out_dir={tmp_path}")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for name in saved["model"]:
         torch.testing.assert_close(saved["model"][name], saved["train_model"][name], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_status(tmp_path, mnist_dir, signum, status):
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_status(tmp_path, mnist_dir,
+        signum, status):
     process = start_training(tmp_path, f"--data_dir={mnist_dir}", "--max_steps=100000", "--ckpt_interval=0")
     time.sleep(1.0)
     process.send_signal(signum)
@@ -161,8 +169,8 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_with_the_documented_statu
 
 
 def test_train_called_from_python_gives_ctrl_c_back(tmp_path, mnist_dir):
-    # A run installs its own SIGINT and SIGTERM handlers (to save a checkpoint and stop); a notebook or a script
-    # that calls train.main must get its own back, or Ctrl-C would do nothing there afterwards.
+    # A run installs its own SIGINT and SIGTERM handlers (to save a checkpoint and stop); a notebook or a
+    # script that calls train.main must get its own back, or Ctrl-C would do nothing there afterwards.
     def handlers():
         return [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
 
@@ -170,7 +178,8 @@ def test_train_called_from_python_gives_ctrl_c_back(tmp_path, mnist_dir):
     train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=1", f"--out_dir={tmp_path}")
     assert handlers() == before
     with pytest.raises(UserError, match="diverged"):
-        train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=50", "--lr=1e6", f"--out_dir={tmp_path / 'nan'}")
+        train_here(*TINY, f"--data_dir={mnist_dir}", "--max_steps=50", "--lr=1e6",
+                   f"--out_dir={tmp_path / 'nan'}")
     assert handlers() == before
 
 
@@ -181,8 +190,10 @@ def test_malicious_checkpoint_runs_no_code(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"format": checkpoint.FORMAT, "model": Payload(), "model_args": {}, "config": {}}, tmp_path / "ckpt.pt")
-    assert_user_error(run_script("sample.py", f"--out_dir={tmp_path}", f"--out={tmp_path / 'x.png'}"), "run code")
+    torch.save({"format": checkpoint.FORMAT, "model": Payload(), "model_args": {}, "config": {}},
+               tmp_path / "ckpt.pt")
+    assert_user_error(run_script("sample.py", f"--out_dir={tmp_path}", f"--out={tmp_path / 'x.png'}"),
+                      "run code")
     with pytest.raises(UserError, match="run code"):
         train.main([f"--out_dir={tmp_path}", "--resume=True"])
     assert not marker.exists()
@@ -202,8 +213,8 @@ def test_resume_refuses_a_different_model_but_accepts_safe_changes(trained, tmp_
 
 
 def test_a_resumed_run_keeps_the_precision_that_auto_chose(trained, tmp_path, mnist_dir, capsys):
-    # The trained fixture ran with --precision=auto: its checkpoint holds the answer, not "auto". Here it says bf16
-    # whatever this machine would measure, and the resumed run computes in bf16 without measuring again.
+    # The trained fixture ran with --precision=auto: its checkpoint holds the answer, not "auto". Here it says
+    # bf16 whatever this machine would measure, and the resumed run computes in bf16 without measuring again.
     saved = checkpoint.load(str(trained / "ckpt.pt"))
     assert saved["config"]["precision"] in ("bf16", "fp32")
     out = tmp_path / "run"
@@ -222,7 +233,8 @@ def legacy_layout(ckpt):
         if key in ckpt:
             ckpt[key] = {**ckpt[key], **critics}
     names = {name.split(".")[0] for name in critics}
-    ckpt["model_args"] = {**ckpt["model_args"], "critic": "critic" in names, "latent_critic": "latent_critic" in names,
+    ckpt["model_args"] = {**ckpt["model_args"], "critic": "critic" in names,
+                          "latent_critic": "latent_critic" in names,
                           "critic_hidden": ckpt["config"]["critic_hidden"],
                           "critic_channels": ckpt["config"]["critic_channels"]}
     del ckpt["config"]["preset"], ckpt["config"]["prior_draws"]
@@ -231,17 +243,21 @@ def legacy_layout(ckpt):
 
 @pytest.mark.parametrize("missing, model_args, sums, trained_with", [
     # before the pixel MMD and the critic: four running sums instead of nine
-    (("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr", "latent_adv_weight", "latent_critic_lr"),
+    (("pixel_mmd_weight", "pixel_kernel_scales", "adv_weight", "critic_lr", "latent_adv_weight",
+      "latent_critic_lr"),
      ("critic", "latent_critic"), 4, ("--pixel_mmd_weight=0", "--adv_weight=0", "--latent_adv_weight=0")),
     # before the latent critic: seven
     (("latent_adv_weight", "latent_critic_lr"), ("latent_critic",), 7,
      ("--pixel_mmd_weight=100", "--adv_weight=20", "--latent_adv_weight=0")),
-    # before the critic's fully connected layer (its features went straight to the logit) and the moving average
-    (("critic_hidden", "ema_decay"), ("critic_hidden",), 9, ("--adv_weight=20", "--critic_hidden=0", "--ema_decay=0")),
+    # before the critic's fully connected layer (its features went straight to the logit) and the moving
+    # average
+    (("critic_hidden", "ema_decay"), ("critic_hidden",), 9, ("--adv_weight=20", "--critic_hidden=0",
+            "--ema_decay=0")),
     # before the critic's own widths (its convolutions were as wide as the encoder's)
     (("critic_channels",), ("critic_channels",), 9, ("--adv_weight=20", "--critic_channels=0")),
 ])
-def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing, model_args, sums,
+def test_a_checkpoint_from_before_an_option_resumes_as_it_was_trained(tmp_path, mnist_dir, missing,
+        model_args, sums,
                                                                       trained_with):
     # Made before the options existed (and before the critics had a module of their own): trained as
     # trained_with says, and without the missing settings in its config or model_args, or their running sums.
@@ -271,11 +287,13 @@ def test_a_hybrid_checkpoint_from_before_the_critics_module_samples_and_resumes(
     (out / "ckpt.pt").write_bytes(open(os.path.join(REPO, "tests", "data", "hybrid_v1_ckpt.pt"), "rb").read())
     old = torch.load(out / "ckpt.pt", weights_only=True)
     for prior in ("normal", "gmm"):
-        result = run_script("sample.py", f"--out_dir={out}", f"--prior={prior}", f"--out={tmp_path / prior}.png")
+        result = run_script("sample.py", f"--out_dir={out}", f"--prior={prior}",
+                            f"--out={tmp_path / prior}.png")
         assert result.returncode == 0 and (tmp_path / f"{prior}.png").exists(), result.stderr[-2000:]
     train_here(f"--out_dir={out}", "--resume=True", "--max_steps=14", f"--data_dir={mnist_dir}")
     resumed = checkpoint.load(str(out / "ckpt.pt"))
-    assert resumed["step"] == 14 and resumed["config"]["adv_weight"] == 20 and resumed["config"]["latent_adv_weight"] == 5
+    assert resumed["step"] == 14
+    assert resumed["config"]["adv_weight"] == 20 and resumed["config"]["latent_adv_weight"] == 5
     assert set(resumed["model_args"]) == {"latent_dim", "channels", "hidden", "stochastic"}
     assert {name.split(".")[0] for name in resumed["critics"]} == {"critic", "latent_critic"}
     assert not any("critic" in name for name in resumed["model"])

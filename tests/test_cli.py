@@ -16,7 +16,8 @@ DEFAULTS = {"batch_size": 100, "lr": 1e-3, "resume": False, "kernel": "gaussian"
 
 
 def test_overrides_apply_with_the_defaults_types():
-    config, given = parse_overrides(DEFAULTS, ["--batch_size=32", "--lr=1", "--resume=True", "--kernel=imq"], "t.py")
+    config, given = parse_overrides(DEFAULTS, ["--batch_size=32", "--lr=1", "--resume=True", "--kernel=imq"],
+                                    "t.py")
     assert config == {"batch_size": 32, "lr": 1.0, "resume": True, "kernel": "imq"}
     assert type(config["lr"]) is float and given == {"batch_size", "lr", "resume", "kernel"}
     assert parse_overrides(DEFAULTS, [], "t.py") == (DEFAULTS, set())
@@ -73,7 +74,8 @@ def test_output_into_a_closed_pipe_ends_quietly(unbuffered):
     """python train.py --help | head -3: the reader goes away early; no traceback."""
     read_end, write_end = os.pipe()
     os.close(read_end)
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, stdout=write_end,
+                            stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": unbuffered}, timeout=60)
     os.close(write_end)
     assert (result.returncode, result.stderr) == (1, "")
@@ -197,5 +199,6 @@ def test_a_missing_preset_is_one_line_and_touches_nothing(tmp_path):
     assert not out.exists()
     marker = tmp_path / "ran"
     (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
-    assert_user_error(run_script("train.py", str(tmp_path / "evil.py"), f"--out_dir={out}"), "only `name = value`")
+    assert_user_error(run_script("train.py", str(tmp_path / "evil.py"), f"--out_dir={out}"),
+                      "only `name = value`")
     assert not marker.exists() and not out.exists()  # parsed, never run

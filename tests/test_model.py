@@ -44,7 +44,8 @@ def test_rebuilds_from_model_args():
     assert torch.equal(model.decode(z), twin.decode(z))
 
 
-@pytest.mark.parametrize("bad", [dict(latent_dim=0), dict(channels=-1), dict(hidden=2.5), dict(latent_dim=True)])
+@pytest.mark.parametrize("bad", [dict(latent_dim=0), dict(channels=-1), dict(hidden=2.5),
+                                 dict(latent_dim=True)])
 def test_rejects_non_positive_widths(bad):
     with pytest.raises(ValueError, match="positive integer"):
         MMDVAE(**bad)
@@ -69,7 +70,8 @@ def small(overrides):
     {"mmd_weight": 0.0, "kl_weight": 1.0, "stochastic_encoder": True},   # ELBO-VAE
     {"kernel": "imq", "kernel_scales": "0.5,1,2", "recon_loss": "mse"},
     {"prior_draws": 200, "mmd_estimator": "biased"},                     # more prior draws than codes
-    {"pixel_mmd_weight": 300.0},                                         # decoded prior draws vs images, no critic
+    # decoded prior draws vs images, no critic
+    {"pixel_mmd_weight": 300.0},
     "hybrid",                                                            # config/hybrid.py: both critics too
 ])
 def test_one_optimiser_step_lowers_the_loss(overrides):
@@ -108,7 +110,7 @@ def test_the_mmd_compares_the_codes_with_prior_draws_of_their_own_number():
 
     train.mmd = spy
     try:
-        train.compute_loss(model, x, cfg, critics)
+        train.compute_loss(model, x, {**cfg, "prior_draws": 0}, critics)
         train.compute_loss(model, x, {**cfg, "prior_draws": 200}, critics)
     finally:
         train.mmd = real_mmd
@@ -127,12 +129,13 @@ def test_pure_mmd_vae_has_no_kl_and_elbo_has_no_mmd():
 
 
 def test_the_test_mse_is_of_the_reconstruction_from_the_code_mean():
-    # The log's test MSE comes from compute_loss's reconstruction; it must be the MSE of decode(encode(x)), the code
-    # mean's reconstruction, and not of a sampled code, even for a Gaussian encoder.
+    # The log's test MSE comes from compute_loss's reconstruction; it must be the MSE of decode(encode(x)),
+    # the code mean's reconstruction, and not of a sampled code, even for a Gaussian encoder.
     torch.manual_seed(0)
     model = MMDVAE(latent_dim=4, channels=4, hidden=16, stochastic=True)
     images = torch.randint(0, 256, (30, 28, 28), dtype=torch.uint8)
-    cfg = {**train.DEFAULTS, "latent_dim": 4, "stochastic_encoder": True, "kl_weight": 1.0, "precision": "fp32"}
+    cfg = {**train.DEFAULTS, "latent_dim": 4, "stochastic_encoder": True, "kl_weight": 1.0,
+           "precision": "fp32"}
     metrics = train.test_metrics(model, images, cfg, batch_size=20)  # two batches of unequal size
     x = data.to_float(images)
     with torch.no_grad():
@@ -152,25 +155,34 @@ def test_the_learning_rate_decays_by_a_cosine_from_lr_to_its_floor(floor):
 
 
 def test_auto_precision_takes_bf16_only_where_it_measures_faster(monkeypatch):
-    cpu, cfg = torch.device("cpu"), {**train.DEFAULTS, "channels": 4, "hidden": 16, "latent_dim": 3, "batch_size": 8}
-    # The measurement itself: a ratio of two real timings, and the run's random numbers left as they were.
+    import speed
+    cpu, cfg = torch.device("cpu"), {**train.DEFAULTS, "channels": 4, "hidden": 16, "latent_dim": 3,
+                                     "batch_size": 8}
+    # The measurement itself: a ratio of two real timings of this run's pass, the run's random numbers
+    # untouched.
     rng = torch.get_rng_state()
-    monkeypatch.setattr(train, "bf16_kernels", lambda: True)  # timed on any CPU, with oneDNN's kernels or without
-    speedup = train.bf16_speedup(cfg, cpu, repeats=1)
+    # timed on any CPU, with oneDNN's kernels or without
+    monkeypatch.setattr(speed, "bf16_kernels", lambda: True)
+    def make_pass():  # what train.resolve_precision times: a forward and backward pass of the run's model
+        model, _ = train.make_model(cfg, cpu)
+        return lambda dtype: train.compute_loss(model, torch.rand(8, 1, 28, 28), cfg)[0].backward()
+    speedup = speed.bf16_speedup(make_pass, repeats=1)
     assert 0 < speedup < math.inf and torch.equal(torch.get_rng_state(), rng)
     # Where oneDNN has no bf16 kernels, bf16 is emulated: fp32 at once, and the first line says why.
-    monkeypatch.setattr(train, "bf16_kernels", lambda: False)
+    monkeypatch.setattr(speed, "bf16_kernels", lambda: False)
     monkeypatch.setattr(train, "make_model", lambda *args: pytest.fail("timed a CPU without bf16 kernels"))
     assert train.resolve_precision(cfg, cpu) == ("fp32", 0.0)
-    assert train.precision_name(cpu, "fp32", 0.0) == "fp32: no bf16 kernels for this CPU"
-    assert train.precision_name(cpu, "bf16", 1.6) == "bf16 autocast: bf16 measured 1.60x as fast as fp32 here"
+    assert speed.precision_name(cpu, "fp32", 0.0) == "fp32: no bf16 kernels for this CPU"
+    assert speed.precision_name(cpu, "bf16", 1.6) == "bf16 autocast: bf16 measured 1.60x as fast as fp32 here"
     # The choice: bf16 only past the margin, a near tie in fp32; what is asked for is kept unmeasured.
-    for measured, chosen in ((1.6, "bf16"), (train.BF16_MARGIN, "bf16"), (1.1, "fp32"), (0.7, "fp32")):
-        monkeypatch.setattr(train, "bf16_speedup", lambda *args, measured=measured: measured)
+    for measured, chosen in ((1.6, "bf16"), (speed.BF16_MARGIN, "bf16"), (1.1, "fp32"), (0.7, "fp32")):
+        monkeypatch.setattr(speed, "bf16_speedup", lambda *args, measured=measured: measured)
         assert train.resolve_precision(cfg, cpu) == (chosen, measured)
-    monkeypatch.setattr(train, "bf16_speedup", lambda *args: pytest.fail("measured where nothing is to be chosen"))
+    monkeypatch.setattr(speed, "bf16_speedup",
+                        lambda *args: pytest.fail("measured where nothing is to be chosen"))
     for asked in ("bf16", "fp32"):
         assert train.resolve_precision({**cfg, "precision": asked}, cpu) == (asked, None)
-    assert train.resolve_precision(cfg, torch.device("cuda")) == ("fp32", None)  # too small a model for bf16 to pay there
+    # too small a model to pay there
+    assert train.resolve_precision(cfg, torch.device("cuda")) == ("fp32", None)
     with pytest.raises(ValueError, match="auto"):
-        train.autocast_dtype(cpu, "auto")
+        speed.autocast_dtype(cpu, "auto")

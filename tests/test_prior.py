@@ -26,7 +26,8 @@ def test_log_densities_match_torch_distributions():
     truth, codes = three_gaussians(500)
     x = codes.double()
     ours = prior._log_densities(x, prior._outer(x), truth["means"].double(), truth["scale_tril"].double())
-    reference = torch.distributions.MultivariateNormal(truth["means"].double(), scale_tril=truth["scale_tril"].double())
+    reference = torch.distributions.MultivariateNormal(truth["means"].double(),
+                                                       scale_tril=truth["scale_tril"].double())
     assert torch.allclose(ours, reference.log_prob(x[:, None, :]), atol=1e-10)
 
 
@@ -44,12 +45,14 @@ def test_em_recovers_a_known_mixture_and_never_lowers_the_likelihood():
     assert torch.allclose(covariances[order], expected, atol=0.1)
     # The fitted mixture explains held-out draws about as well as the true one does.
     _, held_out = three_gaussians(seed=1)
-    assert prior.log_likelihood(fit, held_out) == pytest.approx(prior.log_likelihood(truth, held_out), abs=0.01)
+    assert prior.log_likelihood(fit, held_out) == pytest.approx(prior.log_likelihood(truth, held_out),
+            abs=0.01)
 
 
 def test_fit_and_sampling_are_seeded():
     _, codes = three_gaussians(2000)
-    a, b, c = prior.fit_gmm(codes, 4, seed=0), prior.fit_gmm(codes, 4, seed=0), prior.fit_gmm(codes, 4, seed=1)
+    a, b, c = prior.fit_gmm(codes, 4, seed=0), prior.fit_gmm(codes, 4, seed=0), prior.fit_gmm(codes, 4,
+            seed=1)
     assert torch.equal(a["means"], b["means"]) and not torch.equal(a["means"], c["means"])
     draws = [prior.sample_gmm(a, 100, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
@@ -64,7 +67,8 @@ def test_the_floor_keeps_degenerate_codes_fittable():
     assert math.isfinite(fit["log_likelihood"]) and (variances >= prior.COV_FLOOR * 0.999).all()
 
 
-@pytest.mark.parametrize("components, words", [(0, "between 1 and"), (11, "between 1 and the number of codes (10)")])
+@pytest.mark.parametrize("components, words", [(0, "between 1 and"), (11,
+        "between 1 and the number of codes (10)")])
 def test_bad_component_counts_are_refused(components, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         prior.fit_gmm(torch.randn(10, 2), components)
@@ -81,7 +85,8 @@ def test_train_stores_the_prior_and_it_round_trips(trained):
     ckpt = checkpoint.load(str(trained / "ckpt.pt"))  # weights_only=True
     gmm = ckpt["prior"]
     assert gmm["kind"] == "gmm" and gmm["components"] == 5
-    assert gmm["weights"].shape == (5,) and gmm["means"].shape == (5, 4) and gmm["scale_tril"].shape == (5, 4, 4)
+    assert gmm["weights"].shape == (5,) and gmm["means"].shape == (5, 4) and gmm["scale_tril"].shape == (5,
+            4, 4)
     assert gmm["weights"].sum().item() == pytest.approx(1.0, abs=1e-5)
     model, _ = checkpoint.load_model(str(trained / "ckpt.pt"))
     # The stored prior is the fit of this model's train codes: refitting reproduces it.
@@ -120,8 +125,9 @@ def test_fit_prior_adds_a_prior_to_a_checkpoint_without_one(trained, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--prior=uniform"], ["unknown prior 'uniform'", "normal, gmm"]),
     (["--prior=gmm", "--mode=traverse"], ["--prior=gmm applies to --mode=sample"]),
-    (["--fit_prior", "--prior_components=0"], ["--prior_components=0", "between 1 and"]),
-    (["--fit_prior", "--prior_components=60001"], ["--prior_components=60001", "between 1 and the 60000 training codes"]),
+    (["--fit_prior", "--prior_components=-1"], ["--prior_components=-1", "between 1 and"]),
+    (["--fit_prior", "--prior_components=60001"], ["--prior_components=60001",
+                                                   "between 1 and the 60000 training codes"]),
 ])
 def test_bad_prior_options_are_one_line_errors(trained, tmp_path, args, words):
     shutil.copy(trained / "ckpt.pt", tmp_path / "ckpt.pt")
@@ -136,7 +142,8 @@ def test_bad_prior_options_are_one_line_errors(trained, tmp_path, args, words):
 def test_a_failed_fit_leaves_the_checkpoint_as_it_was(trained, tmp_path):
     ckpt = checkpoint.load(str(trained / "ckpt.pt"))
     last_weight = [k for k in ckpt["model"] if k.startswith("encoder") and k.endswith("weight")][-1]
-    ckpt["model"][last_weight][0] = 3e38  # finite weights, but the first coordinate of every code overflows to inf
+    # finite weights, but the first coordinate of every code overflows to inf
+    ckpt["model"][last_weight][0] = 3e38
     path = tmp_path / "ckpt.pt"
     checkpoint.save(str(path), ckpt)
     before = path.read_bytes()
@@ -147,6 +154,7 @@ def test_a_failed_fit_leaves_the_checkpoint_as_it_was(trained, tmp_path):
 
 def test_train_refuses_more_components_than_codes(tmp_path, mnist_dir):
     import train
-    with pytest.raises(UserError, match="--prior_components=60001 must be between 1 and the 60000 training codes"):
+    with pytest.raises(UserError,
+                       match="--prior_components=60001 must be between 1 and the 60000 training codes"):
         train.main([f"--out_dir={tmp_path}", f"--data_dir={mnist_dir}", "--prior_components=60001"])
     assert not (tmp_path / "ckpt.pt").exists()
