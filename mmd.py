@@ -73,5 +73,6 @@ def mmd(x, y, kernel="gaussian", scales=(1.0,), bandwidth=None, estimator="unbia
     if unbiased and (x.shape[0] < 2 or y.shape[0] < 2):
         raise ValueError("the unbiased MMD needs at least 2 samples in each set")
     args = (kernel, scales, bandwidth)
-    return (mean_kernel(x, x, *args, skip_diagonal=unbiased) + mean_kernel(y, y, *args, skip_diagonal=unbiased)
+    return (mean_kernel(x, x, *args, skip_diagonal=unbiased) + mean_kernel(y, y, *args,
+            skip_diagonal=unbiased)
             - 2.0 * mean_kernel(x, y, *args, skip_diagonal=False))

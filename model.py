@@ -29,7 +29,8 @@ class MMDVAE(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.latent_dim, self.stochastic = latent_dim, bool(stochastic)
         # The arguments that rebuild this exact network; saved in every checkpoint.
-        self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden, stochastic=self.stochastic)
+        self.model_args = dict(latent_dim=latent_dim, channels=channels, hidden=hidden,
+                               stochastic=self.stochastic)
         c = channels
         self.encoder = nn.Sequential(
             nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.1),       # 28 -> 14

@@ -113,7 +113,8 @@ def fit_gmm(codes, components, seed=0, max_iters=300, tol=STOP_GAIN, cov_floor=C
     if codes.dim() != 2 or len(codes) < 2:
         raise ValueError(f"need codes of shape (N >= 2, D), got {tuple(codes.shape)}")
     if not 1 <= components <= len(codes):
-        raise ValueError(f"the number of components must be between 1 and the number of codes ({len(codes)}), "
+        raise ValueError("the number of components must be between 1 and the number of codes "
+                         f"({len(codes)}), "
                          f"got {components}")
     if not torch.isfinite(codes).all():
         raise ValueError("the codes contain NaN or inf: the encoder's weights or inputs are not finite")
@@ -126,7 +127,8 @@ def fit_gmm(codes, components, seed=0, max_iters=300, tol=STOP_GAIN, cov_floor=C
     history = []
     for iteration in range(1, max_iters + 1):
         weights, means, scale_tril = _maximize(x, outer, resp, cov_floor)
-        resp = _log_densities(x, outer, means, scale_tril, weights.log())  # log p(x, k), turned in place into p(k | x)
+        # log p(x, k), turned in place into p(k | x)
+        resp = _log_densities(x, outer, means, scale_tril, weights.log())
         peak = resp.max(1, keepdim=True).values
         total = resp.sub_(peak).exp_().sum(1, keepdim=True)
         resp.div_(total)
@@ -153,7 +155,8 @@ def sample_gmm(gmm, num, generator):
 def log_density(gmm, codes):
     """The log-density of each of codes (N, D) under a fitted mixture: (N,) float64."""
     x = codes.double()
-    joint = _log_densities(x, _outer(x), gmm["means"].to(x), gmm["scale_tril"].to(x), gmm["weights"].to(x).log())
+    joint = _log_densities(x, _outer(x), gmm["means"].to(x), gmm["scale_tril"].to(x),
+                           gmm["weights"].to(x).log())
     return torch.logsumexp(joint, dim=1)
 
 
