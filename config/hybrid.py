@@ -1,6 +1,6 @@
 # The hybrid: the MMD-VAE plus an MMD in pixel space on decoded N(0, I) draws, a GAN critic on those draws
 # and a latent critic on the codes (hybrid.py). Until December 2026 this was the repo's default; every value
-# here is that default's, so its figures reproduce. docs/prior_gap.md says how each term was chosen.
+# here is that default's, so its figures reproduce. docs/defaults.md says how each term was chosen.
 # Measured (bf16, 2-core AMD EPYC with AVX512-BF16, seed 1337): N(0, I) FID 7.79, IS 8.19; ex-post prior
 # FID 2.49; test MSE 0.00622; 7 min 28 s. In fp32 on 2 AVX2 cores: FID 7.97, 13 min 56 s.
 #   python train.py config/hybrid.py

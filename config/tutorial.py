@@ -1,5 +1,6 @@
-# The InfoVAE authors' MMD-VAE tutorial (TensorFlow; ermongroup.github.io/blog/a-tutorial-on-mmd-variational-
-# autoencoders): encoder 64 and 128 channels of 4x4 stride-2 convolutions, fc 1024, LeakyReLU 0.1; the
+# The InfoVAE authors' MMD-VAE tutorial (TensorFlow):
+#   ermongroup.github.io/blog/a-tutorial-on-mmd-variational-autoencoders
+# Encoder 64 and 128 channels of 4x4 stride-2 convolutions, fc 1024, LeakyReLU 0.1; the
 # mirrored decoder, sigmoid output; a deterministic z of 20 dimensions. Loss: per-pixel mean squared error + 1
 # x MMD with k(x, y) = exp(-mean_d (x_d - y_d)^2 / D) against 200 prior draws, the biased estimate; Adam 1e-3,
 # batch 200, 10,000 iterations. Here: summed squared error is 784 x the per-pixel mean, so mmd_weight is 784;

@@ -158,3 +158,16 @@ def test_train_refuses_more_components_than_codes(tmp_path, mnist_dir):
                        match="--prior_components=60001 must be between 1 and the 60000 training codes"):
         train.main([f"--out_dir={tmp_path}", f"--data_dir={mnist_dir}", "--prior_components=60001"])
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_fit_prior_takes_the_runs_own_component_count_unless_told(trained, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    ckpt = checkpoint.load(str(trained / "ckpt.pt"))
+    del ckpt["prior"]
+    checkpoint.save(str(path), ckpt)
+    sample.main([f"--checkpoint={path}", "--fit_prior", f"--out={tmp_path / 'g.png'}"])
+    assert checkpoint.load(str(path))["prior"]["components"] == ckpt["config"]["prior_components"] == 5
+    # A run that fitted none (prior_components=0) names no count: the user gives one.
+    checkpoint.save(str(path), {**ckpt, "config": {**ckpt["config"], "prior_components": 0}})
+    result = run_script("sample.py", f"--checkpoint={path}", "--fit_prior", f"--out={tmp_path / 'g.png'}")
+    assert_user_error(result, "fitted no ex-post prior", "--prior_components=50")
