@@ -205,8 +205,8 @@ def one_thread_ratio(images, device, cfg, steps, repeats):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ms, _ = interleaved_ms_per_step({"ours": our_step(images, device, cfg), "naive": naive_step(images,
-                device, cfg)},
+        ms, _ = interleaved_ms_per_step({"ours": our_step(images, device, cfg),
+                                         "naive": naive_step(images, device, cfg)},
                                         device, steps, repeats)
     finally:
         torch.set_num_threads(threads)

@@ -49,9 +49,8 @@ def load(path, device="cpu"):
             checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # weights_only met a function or class to import: this file would run code
-            raise UserError(f"{path} was refused: loading it would import and run code, which a "
-                            "checkpoint from "
-                            f"train.py never does. Use only checkpoints you made or trust") from None
+            raise UserError(f"{path} was refused: loading it would import and run code, which a checkpoint "
+                            "from train.py never does. Use only checkpoints you made or trust") from None
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); retrain, or restore it "
                         f"from a backup") from None
     except Exception:
@@ -79,8 +78,8 @@ def split_legacy_critics(checkpoint):
     critics' under "critics" (their last weights: the moving average of a critic was never used)."""
     if not any(k in checkpoint["model_args"] for k in LEGACY_CRITIC_ARGS):
         return checkpoint
-    checkpoint["model_args"] = {k: v for k,
-                                v in checkpoint["model_args"].items() if k not in LEGACY_CRITIC_ARGS}
+    checkpoint["model_args"] = {k: v for k, v in checkpoint["model_args"].items()
+                                if k not in LEGACY_CRITIC_ARGS}
     kept = [key for key in ("model", "train_model") if isinstance(checkpoint.get(key), dict)]
     critics = {k: v for k, v in checkpoint[kept[-1]].items() if k.split(".")[0] in CRITIC_NAMES}
     for key in kept:
@@ -135,8 +134,8 @@ def load_model(path, device="cpu", check_prior=True):
     except Exception as e:  # unknown or mistyped arguments, missing or misshapen weights
         raise UserError(f"{path} does not match this version of model.py ({first_line(e)}); "
                         f"retrain with `python train.py`") from None
-    problem = prior_problem(checkpoint["prior"],
-                            model.latent_dim) if check_prior and "prior" in checkpoint else ""
+    checked = check_prior and "prior" in checkpoint
+    problem = prior_problem(checkpoint["prior"], model.latent_dim) if checked else ""
     if problem:
         raise UserError(f"{path}: its ex-post prior {problem}; refit it with "
                         f"`python sample.py --fit_prior --checkpoint={path}`")
@@ -220,8 +219,8 @@ class TrainingState:
         self.running = torch.zeros(sums, device=device)
 
     def weights_finite(self):
-        return bool(torch.stack([p.isfinite().all() for m in (self.model,
-                self.critics) for p in m.parameters()]).all())
+        modules = (self.model, self.critics)
+        return bool(torch.stack([p.isfinite().all() for m in modules for p in m.parameters()]).all())
 
     def save(self, running, **extra):
         """Rank 0 writes; `running` is the sums averaged over ranks."""
@@ -257,5 +256,4 @@ class TrainingState:
         except Exception as e:
             # a checkpoint from elsewhere, or damaged: the weights load but the rest does not
             raise UserError(f"cannot resume from {self.path}: its training state is damaged "
-                            f"({first_line(e)}); "
-                            f"{DAMAGED}") from None
+                            f"({first_line(e)}); {DAMAGED}") from None

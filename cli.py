@@ -118,14 +118,12 @@ def read_presets(argv, defaults, script):
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
             raise UserError(f"cannot read preset {arg} ({reason}); options are --name=value, and a "
-                            "preset is a "
-                            f"file such as config/hybrid.py") from None
+                            "preset is a file such as config/hybrid.py") from None
         try:
             tree = ast.parse(source, arg)
         except SyntaxError as e:
             raise UserError(f"{arg}, line {e.lineno}: not valid Python ({e.msg}); a preset holds "
-                            "`name = value` "
-                            f"lines and comments") from None
+                            "`name = value` lines and comments") from None
         for node in tree.body:
             where = f"{arg}, line {node.lineno}"
             simple = isinstance(node, ast.Assign) and len(node.targets) == 1
@@ -253,6 +251,12 @@ def atomic_write(path):
             os.remove(tmp)
 
 
+def unwritable(folder, option, error):
+    """The one-line error for a run folder that cannot be written (check_writable's and RunLock's)."""
+    return UserError(f"cannot write to {option}{folder} ({error.strerror}); choose a writable folder "
+                     "with free space")
+
+
 def check_writable(folder, option="--out_dir="):
     """Fail before training, not after the first epoch, if checkpoints cannot be written there."""
     try:
@@ -262,9 +266,7 @@ def check_writable(folder, option="--out_dir="):
                 f.write(b"\0" * 65536)
         os.remove(os.path.join(folder, ".write_test"))
     except OSError as e:
-        raise UserError(f"cannot write to {option}{folder} ({e.strerror}); choose a writable "
-                        "folder with free "
-                        f"space") from None
+        raise unwritable(folder, option, e) from None
 
 
 def save_grid(images, path, nrow=8, pad_value=0.0):
@@ -303,9 +305,7 @@ class RunLock:
             os.makedirs(folder, exist_ok=True)
             self.file = open(os.path.join(folder, LOCK_NAME), "a+")  # a+ creates, and never truncates
         except OSError as e:
-            raise UserError(f"cannot write to {option}{folder} ({e.strerror}); choose a writable "
-                            "folder with free "
-                            f"space") from None
+            raise unwritable(folder, option, e) from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -318,8 +318,7 @@ class RunLock:
             self.file.close()
             self.file = None
             print(f"warning: {folder} has no working file locks ({e.strerror}); nothing stops a "
-                  "second process "
-                  f"from writing this run at the same time", file=sys.stderr)
+                  "second process from writing this run at the same time", file=sys.stderr)
             return
         self.file.seek(0)
         self.file.truncate()

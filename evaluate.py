@@ -257,8 +257,8 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     # Decoded a batch at a time and kept only as classifier features (128 numbers an image, not 784),
     # so that memory stays small for any --num_samples.
     features = {"recon": in_batches(classifier.features, x_hat[:num_samples]),
-                **{name: in_batches(lambda z: classifier.features(model.decode(z.to(device))), z) for name,
-                   z in draws.items()},
+                **{name: in_batches(lambda z: classifier.features(model.decode(z.to(device))), z)
+                   for name, z in draws.items()},
                 "real": in_batches(lambda x: classifier.features(data.to_float(x)), splits["train"][0][pick]),
                 # (d): the floor's real images, encoded and decoded. Their codes are what a prior that
                 # matched q(z) exactly would draw, and like the draws they are not the test images.
@@ -283,8 +283,8 @@ def evaluate(model, splits, classifier, num_samples=10000, seed=0, gmm=None, cop
     started = time.time()
     copy_samples = min(num_samples, len(test_x)) if copy_samples is None else copy_samples
     sets = {"test": test_x, "recon": x_hat,
-            **{name: in_batches(lambda z: model.decode(z.to(device)), z[:copy_samples]) for name,
-               z in draws.items()}}
+            **{name: in_batches(lambda z: model.decode(z.to(device)), z[:copy_samples])
+               for name, z in draws.items()}}
     train_flat = data.to_float(splits["train"][0]).flatten(1)
     for name in ("test", "recon", "normal", "gmm"):
         results[f"nearest_train_{name}"] = (nearest_train_distance(sets[name][:copy_samples],

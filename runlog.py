@@ -8,8 +8,8 @@ from cli import atomic_write
 def row(epoch, step, seconds, train, test):
     """A log.csv row: the epoch (fractional where max_steps ends one early), and the train and test means."""
     return {"epoch": f"{epoch:.4g}", "step": step, "seconds": f"{seconds:.1f}",
-            **{f"train_{k}": f"{v:.6g}" for k, v in train.items()}, **{f"test_{k}": f"{v:.6g}" for k,
-                    v in test.items()}}
+            **{f"train_{k}": f"{v:.6g}" for k, v in train.items()},
+            **{f"test_{k}": f"{v:.6g}" for k, v in test.items()}}
 
 
 def write(path, rows, terms):

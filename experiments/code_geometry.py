@@ -165,8 +165,8 @@ def main(argv):
     with torch.no_grad():
         flat = [(data.to_float(train_x[a]).flatten(1), data.to_float(train_x[b]).flatten(1),
                  model.decode(model.encode(data.to_float(train_x[c]))).flatten(1),
-                 model.decode(torch.randn(batch, dim, generator=generator)).flatten(1)) for a, b,
-                 c in batches]
+                 model.decode(torch.randn(batch, dim, generator=generator)).flatten(1))
+                for a, b, c in batches]
     for bandwidth in (10.0, 30.0, 100.0, 300.0):
         def mean_sd(which):
             values = torch.tensor([mmd(f[which], f[0], bandwidth=bandwidth).item() for f in flat])

