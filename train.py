@@ -40,7 +40,7 @@ prior_draws = 400            # N(0, I) draws the MMD meets the codes with (0 = a
 # ex-post prior (prior.py)
 prior_components = 50        # Gaussians fitted to the train codes at the end, for --prior=gmm (0 = none)
 # optimizer
-epochs = 12                  # passes over the 60,000 training images (docs/defaults.md: the time budget)
+epochs = 16                  # passes over the 60,000 training images (docs/defaults.md: the time budget)
 max_steps = 0                # stop after this many steps in all (0 = no cap)
 lr = 3e-3                    # Adam learning rate at the start
 lr_decay = True              # cosine decay over the run, from lr to min_lr_ratio * lr
