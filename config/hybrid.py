@@ -2,7 +2,8 @@
 # and a latent critic on the codes (hybrid.py). Until December 2026 this was the repo's default; every value
 # here is that default's, so its figures reproduce. docs/defaults.md says how each term was chosen.
 # Measured (bf16, 2-core AMD EPYC with AVX512-BF16, seed 1337): N(0, I) FID 7.79, IS 8.19; ex-post prior
-# FID 2.49; test MSE 0.00622; 7 min 28 s. In fp32 on 2 AVX2 cores: FID 7.97, 13 min 56 s.
+# FID 2.49; test MSE 0.00622; 7 min 28 s (rerun on 2026-12-07: the same figures). In fp32 on 2 AVX2 cores:
+# FID 7.97, 15 min 29 s of training (issue 46).
 #   python train.py config/hybrid.py
 batch_size = 100
 latent_dim = 24
