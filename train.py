@@ -36,7 +36,7 @@ kl_weight = 0.0              # weight of the per-image KL; 0 = MMD-VAE, 1 (with 
 kernel = "gaussian"          # gaussian or imq (inverse multiquadric, as in the WAE paper)
 kernel_scales = "0.2,1,5"    # bandwidths, as multiples of 2*latent_dim (E||z - z'||^2 under N(0, I))
 mmd_estimator = "unbiased"   # unbiased (U-statistic) or biased (V-statistic)
-prior_draws = 400            # N(0, I) draws the MMD meets the codes with (0 = as many as the batch)
+prior_draws = 1000           # N(0, I) draws the MMD meets the codes with (0 = as many as the batch)
 # ex-post prior (prior.py)
 prior_components = 50        # Gaussians fitted to the train codes at the end, for --prior=gmm (0 = none)
 # optimizer

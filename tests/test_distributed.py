@@ -129,7 +129,7 @@ def test_ranks_that_measure_bf16_differently_all_compute_in_fp32():
     assert [r.stdout.strip() for r in results] == ["fp32", "fp32"]
 
 
-# The MMD-VAE default (400 prior draws), and the hybrid's terms as config/hybrid.py runs them (as many prior
+# The MMD-VAE default (1,000 prior draws), and the hybrid's terms as config/hybrid.py runs them (as many prior
 # draws as the batch): the pixel MMD, where each rank decodes its half of the prior draws and the MMD is over
 # all images; the critic on the draws, whose gradients DDP averages; the latent critic, which scores the
 # gathered codes of the whole batch against the same prior draws on every rank.
